@@ -292,7 +292,9 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_value
 
 def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     temperature: float) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float() / temperature  # (n, V) fp32: the only full-vocab tensor
+    logits = F.linear(hidden, weight).float()  # (n, V) fp32: the only full-vocab tensors are per chunk
+    if temperature != 1.0:
+        logits = logits / temperature
     return logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)  # (n,)
 
 
@@ -408,6 +410,9 @@ def save_checkpoint(model, processor, out_dir: str | Path, meta: dict, dtype: to
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
         model.save_pretrained(tmp, state_dict=state)
+        config = model.config.__class__.from_dict(model.config.to_dict())
+        config.dtype = dtype  # what the weights on disk are: from_pretrained and vLLM read it
+        config.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2, default=str))
         if out_dir.exists():  # re-saving the same step: move the old copy aside first
