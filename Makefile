@@ -23,7 +23,7 @@ $(STAMP): requirements-cpu.txt tools/torchvision_cpu_shim.py
 	touch $(STAMP)
 
 test: env
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --log-level=INFO tests
 
 clean-env:
 	rm -rf $(VENV)

@@ -299,8 +299,26 @@ def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)  # (n,)
 
 
+def _blank_image_features(model) -> torch.Tensor:
+    """The vision tower on a blank 28x28 image (4 patches, 1 merged token).
+
+    Under FSDP2 every rank must all-gather the same units in the same order. A rank whose
+    micro-batch has no image would skip the vision blocks while another rank gathers them, and the
+    collectives would pair up wrongly (a hang or a size mismatch). So a text-only micro-batch still
+    runs the vision tower, first, like an image batch does, and adds its output times zero."""
+    visual = model.model.visual
+    patch = visual.config.in_channels * visual.config.temporal_patch_size * visual.config.patch_size ** 2
+    grid = torch.tensor([[1, 2, 2]], device=model.lm_head.weight.device)
+    pixels = torch.zeros(4, patch, dtype=visual.patch_embed.proj.weight.dtype, device=grid.device)
+    return visual(pixels, grid_thw=grid).pooler_output
+
+
 def _token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_tokens: int = 1024) -> torch.Tensor:
+    sharded = dist.is_initialized() and dist.get_world_size() > 1
+    blank = _blank_image_features(model) if sharded and "pixel_values" not in batch else None
     hidden = model.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False).last_hidden_state
+    if blank is not None:
+        hidden = hidden + 0.0 * blank.sum()
     mask = batch["completion_mask"][:, 1:]                      # (B, T-1): token t+1 is a completion token
     h = hidden[:, :-1][mask]                                    # (N, H): states that predict those tokens
     targets = batch["input_ids"][:, 1:][mask]                   # (N,)
@@ -552,29 +570,30 @@ class HFEngine:
         device = next(model.parameters()).device
         stop = {tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id}
         seeds = row_seeds(rows, seed)
-        # A sharded model's forward is a collective: every rank runs as many generate calls, and each
-        # keeps stepping until all ranks are done (synced_gpus). Ranks short of rows repeat one.
-        count = torch.tensor([len(rows)])
+        # A sharded model's forward is a collective: every rank must run the same modules in the same
+        # order. So all ranks generate all ranks' rows, in one order with the same seeds, each keeping
+        # its own share; synced_gpus keeps them stepping together until every sequence is done.
+        offset, mine = 0, len(rows)
         sharded = dist.is_initialized() and dist.get_world_size() > 1
         if sharded:
-            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            shares = [None] * dist.get_world_size()
+            dist.all_gather_object(shares, (rows, seeds))
+            offset = sum(len(r) for r, _ in shares[:dist.get_rank()])
+            rows, seeds = [r for rs, _ in shares for r in rs], [s for _, ss in shares for s in ss]
         was_training = model.training
         model.eval()
         results = []
-        for i in range(int(count)):
-            row = rows[min(i, len(rows) - 1)] if rows else {"question": "", "options": {"A": ""}}
+        for row, row_seed in zip(rows, seeds):
             enc = to_device(dict(self.processor(text=[render_prompt(self.processor, row)],
                                                 images=row_images(row) or None, return_tensors="pt")), device)
-            if i < len(seeds) and seeds[i] is not None:
-                torch.manual_seed(seeds[i])
+            if row_seed is not None:
+                torch.manual_seed(row_seed)
             sample = temperature > 0
             out = model.generate(**enc, do_sample=sample, temperature=temperature if sample else None,
                                  top_p=top_p if sample else None, top_k=None, num_return_sequences=n,
                                  max_new_tokens=max_new_tokens, suppress_tokens=self.suppress, use_cache=True,
                                  output_logits=True, return_dict_in_generate=True, synced_gpus=sharded,
                                  pad_token_id=tok.pad_token_id, eos_token_id=sorted(stop))
-            if i >= len(rows):
-                continue
             new = out.sequences[:, enc["input_ids"].shape[1]:]                               # (n, L)
             logp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1)                 # (n, L, V) raw
             logp = logp.gather(-1, new[..., None])[..., 0]                                   # (n, L)
@@ -586,7 +605,7 @@ class HFEngine:
                                               "stop" if end else "length"))
             results.append(completions)
         model.train(was_training)
-        return results
+        return results[offset:offset + mine]
 
     def update_weights(self, model) -> None:
         """Nothing to do: generation runs on the training model itself."""
