@@ -499,7 +499,11 @@ class VLLMEngine:
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="external_launcher",
                        gpu_memory_utilization=gpu_memory_utilization, limit_mm_per_prompt={"image": max_images, "video": 0},
-                       enable_prefix_caching=True, enable_sleep_mode=self.on_gpu, enforce_eager=not self.on_gpu)
+                       enable_prefix_caching=True, enable_sleep_mode=self.on_gpu, enforce_eager=not self.on_gpu,
+                       # CPU only: a prompt split over scheduler steps rewinds its request's seeded
+                       # generator by an offset, which CPU generators lack ("CPU Generator does not use
+                       # offset"): schedule whole prompts.
+                       enable_chunked_prefill=self.on_gpu)
         self.dtype = self.llm.llm_engine.model_config.dtype
 
     def generate(self, rows: list[dict], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
@@ -553,6 +557,13 @@ class VLLMEngine:
         """Free GPU memory for training (weights kept in host memory: level 1). A no-op on CPU."""
         if self.on_gpu:
             self.llm.sleep(level=1)
+
+    def close(self) -> None:
+        """Shut the engine down before cleanup_distributed. vLLM's teardown destroys its process
+        groups and torch.distributed's default group too; left to interpreter exit, it fails on
+        groups that are already gone."""
+        dist.barrier()
+        self.llm.llm_engine.engine_core.shutdown()
 
 
 class HFEngine:
@@ -611,6 +622,9 @@ class HFEngine:
         """Nothing to do: generation runs on the training model itself."""
 
     def sleep(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 

@@ -57,7 +57,8 @@ def main() -> None:
             "hf_equal": [a[0].token_ids == h[0].token_ids for a, h in zip(after, hf)],
         }
         (out / f"rank{rank}.json").write_text(json.dumps(result))
-        del policy, opt, engine
+        del policy, opt
+        engine.close()
     finally:
         model.cleanup_distributed()
 
