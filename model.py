@@ -418,16 +418,28 @@ def full_state_items(model, dtype: torch.dtype | None = None) -> Iterator[tuple[
         yield name, tensor.detach().to(dtype or tensor.dtype)
 
 
-def save_checkpoint(model, processor, out_dir: str | Path, meta: dict, dtype: torch.dtype = torch.bfloat16) -> None:
-    """All ranks call this; rank 0 writes `out_dir` (config, safetensors, processor and tokenizer
-    files, trainer_state.json with `meta`) into a temporary sibling, then renames it into place."""
+def save_checkpoint(model, processor, out_dir: str | Path, meta: dict, dtype: torch.dtype = torch.bfloat16,
+                    resume_state: dict | None = None) -> None:
+    """All ranks call this. The checkpoint is assembled in `.NAME.partial` beside `out_dir`: the
+    optional `resume_state` (sharded tensors, e.g. optimizer state) by every rank through
+    torch.distributed.checkpoint into `resume/`, then by rank 0 the Hugging Face files (config,
+    safetensors in `dtype`, processor and tokenizer files) and trainer_state.json with `meta`, last.
+    Rank 0 then renames it into place: a run killed at any moment leaves a complete checkpoint or
+    none under the final name."""
     out_dir = Path(out_dir)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    if resume_state is not None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(resume_state, checkpoint_id=str(tmp / "resume"))
     state = {name: t.cpu() for name, t in full_state_items(model, dtype)}
-    if dist.is_initialized() and dist.get_rank() != 0:
-        state.clear()
-    else:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    if rank == 0:
         model.save_pretrained(tmp, state_dict=state)
         config = model.config.__class__.from_dict(model.config.to_dict())
         config.dtype = dtype  # what the weights on disk are: from_pretrained and vLLM read it
@@ -435,16 +447,31 @@ def save_checkpoint(model, processor, out_dir: str | Path, meta: dict, dtype: to
         processor.save_pretrained(tmp)
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2, default=str))
         if out_dir.exists():  # re-saving the same step: move the old copy aside first
-            old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
             out_dir.rename(old)
             tmp.rename(out_dir)
             shutil.rmtree(old)
         else:
             tmp.rename(out_dir)
+    state.clear()
     if dist.is_initialized():
         dist.barrier()
 
 
+def load_rows(spec: str, split: str = "train"):
+    """A unified-schema dataset: a hub name, a `save_to_disk` directory, or a parquet/jsonl/json/csv
+    file (images as PIL, {"bytes"/"path"} dicts or paths; row_images reads all of them)."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    path = Path(spec)
+    if path.is_dir():
+        data = load_from_disk(spec)
+        return data[split] if isinstance(data, DatasetDict) else data
+    formats = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+    if path.suffix in formats:
+        return load_dataset(formats[path.suffix], data_files=spec, split="train")
+    return load_dataset(spec, split=split)
 
 # ---- rollouts: vLLM in the trainer's process, or transformers' generate ----
 #

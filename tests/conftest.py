@@ -1,4 +1,5 @@
 """Shared fixtures: the tiny real-architecture model (built once, cached on disk) and sample rows."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -57,3 +58,53 @@ def tiny_model(tiny_path):
 @pytest.fixture()
 def rows() -> list[dict]:
     return make_rows()
+
+
+TOY_OPTIONS = {"A": "Left", "B": "Right", "C": "Both", "D": "Neither"}
+
+
+def make_toy_rows(k: int = 8) -> list[dict]:
+    """Unified-schema rows, half with an image, four options each."""
+    return [{"images": [make_image(100 + i)] if i % 2 == 0 else [], "question": f"Which side is lesion {i} on?",
+             "options": json.dumps(TOY_OPTIONS), "answer_label": "ABCD"[i % 4], "answer": TOY_OPTIONS["ABCD"[i % 4]],
+             "reasoning": None, "dataset_name": "toy", "dataset_index": i} for i in range(k)]
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> str:
+    from datasets import Dataset
+
+    path = tmp_path_factory.mktemp("data") / "toy"
+    Dataset.from_list(make_toy_rows()).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def sft_tiny(tiny_path, processor) -> str:
+    """The tiny model taught the answer format on the toy rows, with two letters per question, so
+    that its samples are sometimes right and sometimes wrong (GRPO then has non-zero advantages).
+    Built once per machine (cached next to the tiny model), ~1.5 minutes."""
+    import torch
+
+    import model
+
+    path = model.CACHE_DIR / f"tiny-{model.TINY_VERSION}-grpo-start-v1"
+    if (path / "trainer_state.json").exists():
+        return str(path)
+    torch.manual_seed(0)
+    m = model.load_model(tiny_path).train()
+    rows = make_toy_rows()[:4]
+    tok = processor.tokenizer
+    pairs = [(row, tok(f"<think> look </think>\n<answer> {letter} </answer><|im_end|>")["input_ids"])
+             for row in rows for letter in (row["answer_label"], "ABCD"[("ABCD".index(row["answer_label"]) + 1) % 4])]
+    batch = model.build_batch(processor, [r for r, _ in pairs], [ids for _, ids in pairs])
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(SFT_STEPS):
+        (-model.token_logprobs(m, batch).sum() / batch["completion_mask"].sum()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.save_checkpoint(m, processor, path, {"steps": SFT_STEPS}, dtype=torch.float32)
+    return str(path)
+
+
+SFT_STEPS = 70

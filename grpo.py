@@ -1,0 +1,416 @@
+"""GRPO for Qwen2.5-VL, by hand: FSDP2 training, vLLM rollouts in the same process, a verifiable reward.
+
+One step, in this order (see `main`):
+  rollout     every rank samples n completions for each of its prompts (vLLM, or --rollout hf)
+  reward      reward.reward: 1 for <think>..</think><answer>right</answer>, else 0
+  advantages  per prompt group: (r - mean) / (std + 1e-6)
+  log-probs   old log-probs (the policy before this step's updates) and the frozen reference's
+  update      per mini-batch: clipped policy loss + k3 KL over micro-batches, clip the gradient norm,
+              AdamW step (2 mini-batches per step by default, one PPO epoch)
+  sync        stream the new weights into vLLM, reset its caches
+  log, checkpoint, eval
+
+Defaults are the MedVLThinker recipe (SPEC.md section 5): 256 prompts x 8 completions per step,
+mini-batch 128 prompts, lr 1e-6 constant, AdamW (0.9, 0.999, wd 0.01), grad clip 1.0, KL 0.01
+(k3, clamped), clip 0.2/0.2, dual clip 3.0, max 2048 prompt / 4096 response tokens, T = 1.0,
+loss averaged per micro-batch like verl@54b2677 (`--loss-agg token-global` is the correct mean).
+Left out on purpose: entropy bonus (0 in the recipe), critic, reward models, sequence packing.
+
+    python grpo.py --model tiny --data DATA --prompts-per-step 4 --mini-batch 2 ...   # 1 process, CPU
+    torchrun --nproc_per_node 8 grpo.py --model qwen2.5-vl-7b --data DATA              # 1 node
+Rows with images are never truncated: a prompt over --max-prompt-tokens is an error before
+training starts (or, with --skip-long-prompts, dropped with a count). A run resumes from the last
+complete checkpoint in --out with --resume.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import model as M
+import reward as R
+
+
+# ---- config ----
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="qwen2.5-vl-3b", help="alias (qwen2.5-vl-3b|7b|32b, tiny), hub id or local checkpoint")
+    g.add_argument("--data", required=True, help="training rows: hub name, save_to_disk dir, or parquet/jsonl file")
+    g.add_argument("--split", default="train", help="split of a hub dataset or DatasetDict")
+    g.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts are an error (see --skip-long-prompts)")
+    g.add_argument("--skip-long-prompts", action="store_true", help="drop over-long prompts (with a count) instead of stopping")
+    g = p.add_argument_group("rollout")
+    g.add_argument("--prompts-per-step", type=int, default=256, help="prompts per step, all ranks together")
+    g.add_argument("--group-size", type=int, default=8, help="completions per prompt (GRPO's group)")
+    g.add_argument("--max-response-tokens", type=int, default=4096, help="max new tokens per completion")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    g.add_argument("--rollout", choices=["vllm", "hf"], default="vllm", help="engine: vLLM in process, or transformers generate")
+    g.add_argument("--tensor-parallel", type=int, default=1, help="vLLM tensor parallel size (ranks per engine)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.6, help="vLLM's share of GPU memory")
+    g.add_argument("--vllm-dtype", default="auto", help="vLLM weights dtype (auto: the checkpoint's; float32 on CPU for exact canaries)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--mini-batch", type=int, default=128, help="prompts per optimizer update, all ranks together")
+    g.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward on one rank")
+    g.add_argument("--lr", type=float, default=1e-6, help="constant learning rate, no warmup")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    g.add_argument("--epochs", type=int, default=1, help="passes over the data (m23k: 5, PMC-VQA: 1)")
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: epochs decide)")
+    g.add_argument("--seed", type=int, default=42, help="data order and sampling seed")
+    g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16" if torch.cuda.is_available() else "float32",
+                   help="compute dtype (FSDP2 mixed precision; master weights stay fp32)")
+    g.add_argument("--no-gradient-checkpointing", action="store_true", help="keep activations instead of recomputing them")
+    g = p.add_argument_group("GRPO loss")
+    g.add_argument("--kl-coef", type=float, default=0.01, help="k3 KL to the initial model (0: no reference model is built)")
+    g.add_argument("--ref-offload", action="store_true", help="keep the reference model's shards in host memory")
+    g.add_argument("--clip-low", type=float, default=0.2, help="PPO clip below 1")
+    g.add_argument("--clip-high", type=float, default=0.2, help="PPO clip above 1")
+    g.add_argument("--dual-clip", type=float, default=3.0, help="dual clip c for negative advantages")
+    g.add_argument("--loss-agg", choices=["token-microbatch", "token-global"], default="token-microbatch",
+                   help="token-microbatch: the paper's (verl@54b2677); token-global: mean over all tokens of the mini-batch")
+    g.add_argument("--filter-zero-variance", action="store_true", help="leave groups whose rewards are all equal out of the update")
+    g.add_argument("--lenient-reward", action="store_true", help="also accept '(B)', 'B.', 'B: text' (reward.py)")
+    g.add_argument("--canary-max-gap", type=float, default=0.1, help="stop when mean |vLLM - trainer| log-prob exceeds this")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="runs/grpo", help="output directory")
+    g.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0: all)")
+    g.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    g.add_argument("--dump-every", type=int, default=10, help="write sampled rollouts every N steps")
+    g.add_argument("--eval-data", default=None, help="rows to evaluate greedily (lenient grader) every --eval-every steps")
+    g.add_argument("--eval-every", type=int, default=0, help="0: no in-training evaluation")
+    args = p.parse_args(argv)
+    if args.prompts_per_step % args.mini_batch:
+        p.error("--prompts-per-step must be a multiple of --mini-batch")
+    return args
+
+
+# ---- GRPO math: pure functions, CPU-testable ----
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """rewards (N,), consecutive groups of `group_size` completions of one prompt -> advantages (N,).
+    (r - mean) / (std + eps) within each group, unbiased std; a group of one has mean 0, std 1."""
+    r = rewards.view(-1, group_size).float()                   # (G, n)
+    if group_size == 1:
+        return r.view(-1).clone()
+    mean, std = r.mean(-1, keepdim=True), r.std(-1, keepdim=True)  # (G, 1)
+    return ((r - mean) / (std + eps)).view(-1)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token low-variance KL estimate (k3): exp(ref - logp) - (ref - logp) - 1, in [-10, 10].
+    The log-ratio is clamped to [-20, 20] first, so exp cannot overflow into an inf gradient."""
+    log_ratio = (ref_logp - logp).clamp(-20, 20)               # (B, T)
+    return (log_ratio.exp() - log_ratio - 1).clamp(-10, 10)   # (B, T)
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip_low: float = 0.2,
+                        clip_high: float = 0.2, dual_clip: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per token, with the dual clip for negative advantages.
+    logp, old_logp (B, T); adv (B,) one per sequence. Returns (loss (B, T), clipped (B, T) bool)."""
+    adv = adv[:, None]                                         # (B, 1), broadcast over tokens
+    ratio = (logp - old_logp).clamp(-20, 20).exp()             # (B, T)
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(loss_unclipped, loss_clipped)         # pessimistic bound
+    # dual clip: with adv < 0 a huge ratio would give an unbounded loss; cap it at -adv * c
+    loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
+    return loss, loss_clipped > loss_unclipped
+
+
+def aggregate(loss_tok: torch.Tensor, mask: torch.Tensor, mode: str, num_micro_batches: int = 1,
+              global_tokens: int | None = None, world_size: int = 1) -> torch.Tensor:
+    """Per-token loss (B, T) -> the scalar this micro-batch backpropagates.
+
+    token-microbatch (the paper's, verl@54b2677): mean over this micro-batch's tokens, divided by
+      the number of micro-batches. A token's weight then depends on how many tokens share its
+      micro-batch: long and short completions count differently depending on how the batch was cut.
+    token-global (correct): sum over this micro-batch's tokens / all tokens of the mini-batch on all
+      ranks, times world_size because FSDP averages gradients over ranks. Every token weighs the
+      same, whatever the micro-batch size, accumulation steps or number of ranks.
+    """
+    total = (loss_tok * mask).sum()
+    if mode == "token-microbatch":
+        return total / mask.sum().clamp(min=1) / num_micro_batches
+    if mode == "token-global":
+        return total * world_size / max(global_tokens, 1)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+# ---- data ----
+
+def check_prompt_lengths(rows, processor, args, rank: int, world: int) -> list[int]:
+    """Indices of rows to train on. Over-long prompts are never truncated (image tokens would no
+    longer match image features): they stop the run, naming them, or are skipped with a count."""
+    mine = [(i, len(M.encode_prompt(processor, rows[i])["input_ids"])) for i in range(rank, len(rows), world)]
+    lengths = [None] * world
+    dist.all_gather_object(lengths, mine)
+    too_long = sorted((i, n) for part in lengths for i, n in part if n > args.max_prompt_tokens)
+    if too_long and not args.skip_long_prompts:
+        names = [f"row {i} (dataset_index {rows[i].get('dataset_index')}, {n} tokens)" for i, n in too_long[:10]]
+        raise SystemExit(f"{len(too_long)} prompts exceed --max-prompt-tokens {args.max_prompt_tokens}: "
+                         + "; ".join(names) + ". Resize the images, raise the limit, or pass --skip-long-prompts.")
+    if too_long:
+        M.print0(f"skipping {len(too_long)} prompts over {args.max_prompt_tokens} tokens")
+    skip = {i for i, _ in too_long}
+    return [i for i in range(len(rows)) if i not in skip]
+
+
+def step_prompts(order_seed: int, indices: list[int], step: int, per_step: int) -> list[int]:
+    """The prompts of a step: epoch e is a permutation of `indices` seeded by (seed, e); steps take
+    consecutive slices and drop the remainder. A pure function of the step: resuming needs no state."""
+    steps_per_epoch = len(indices) // per_step
+    epoch, k = divmod(step, steps_per_epoch)
+    order = indices[:]
+    random.Random(order_seed * 1000 + epoch).shuffle(order)
+    return order[k * per_step:(k + 1) * per_step]
+
+
+# ---- checkpoints ----
+
+def save(policy, optimizer, processor, args, step: int) -> None:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path = Path(args.out) / "checkpoints" / f"step_{step:06d}"
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    M.save_checkpoint(policy, processor, path, {"step": step, "config": vars(args)},
+                      dtype=getattr(torch, args.dtype), resume_state={"model": model_sd, "optim": optim_sd})
+    if dist.get_rank() == 0 and args.keep_last:
+        for old in sorted((Path(args.out) / "checkpoints").glob("step_*"))[:-args.keep_last]:
+            shutil.rmtree(old)
+
+
+def resume(policy, optimizer, args) -> int:
+    """Load the last complete checkpoint's fp32 model shards and optimizer state; return its step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    done = sorted(p for p in (Path(args.out) / "checkpoints").glob("step_*") if (p / "trainer_state.json").exists())
+    if not done:
+        M.print0("--resume: no checkpoint yet, starting at step 0")
+        return 0
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(done[-1] / "resume"))
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    step = json.loads((done[-1] / "trainer_state.json").read_text())["step"]
+    M.print0(f"resumed from {done[-1]} (step {step})")
+    return step
+
+
+# ---- the loop ----
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rank, world, device = M.init_distributed()
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    policy = ref = engine = optimizer = None
+    try:
+        if args.prompts_per_step % world or args.mini_batch % world:
+            raise SystemExit(f"--prompts-per-step and --mini-batch must be multiples of the world size {world}")
+        path = M.resolve_model(args.model)
+        processor = M.load_processor(path)
+        rows = M.load_rows(args.data, args.split)
+        indices = check_prompt_lengths(rows, processor, args, rank, world)
+        steps_per_epoch = len(indices) // args.prompts_per_step
+        if steps_per_epoch == 0:
+            raise SystemExit(f"{len(indices)} usable rows, fewer than --prompts-per-step {args.prompts_per_step}")
+        total_steps = args.max_steps or steps_per_epoch * args.epochs
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            import transformers
+            versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+            (out / "config.json").write_text(json.dumps({**vars(args), "world_size": world, **versions}, indent=2))
+            print(json.dumps(vars(args)), flush=True)
+        M.print0(f"{len(indices)} rows, {steps_per_epoch} steps per epoch, {total_steps} steps, {world} ranks")
+
+        # Policy: fp32 master weights, sharded; computes in --dtype. Reference: a frozen copy.
+        compute_dtype = getattr(torch, args.dtype)
+        policy = M.load_model(path, dtype=torch.float32, device=device)
+        if not args.no_gradient_checkpointing:
+            M.enable_gradient_checkpointing(policy)
+        M.shard_model(policy, param_dtype=compute_dtype)
+        if args.kl_coef > 0:
+            ref = M.shard_model(M.load_model(path, dtype=torch.float32, device=device), param_dtype=compute_dtype,
+                                cpu_offload=args.ref_offload)
+            ref.requires_grad_(False)
+        M.print0("reference model: " + ("frozen copy of the initial policy" if ref is not None else "none (--kl-coef 0)"))
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=tuple(args.betas),
+                                      weight_decay=args.weight_decay)
+        start = resume(policy, optimizer, args) if args.resume else 0
+        engine = M.make_engine(args.rollout, path, processor, model=policy,
+                               **(dict(max_model_len=args.max_prompt_tokens + args.max_response_tokens,
+                                       tensor_parallel_size=args.tensor_parallel, dtype=args.vllm_dtype,
+                                       gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
+                                  if args.rollout == "vllm" else {}))
+        if start:
+            engine.update_weights(policy)  # the engine loaded the initial weights from disk
+        eval_rows = M.load_rows(args.eval_data, "test") if args.eval_data else None
+        metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
+        per_rank = args.prompts_per_step // world
+
+        for step in range(start, total_steps):
+            t = {"start": time.perf_counter()}
+            # ---- rollout: this rank's prompts, n completions each, seeded per (step, prompt) ----
+            chosen = step_prompts(args.seed, indices, step, args.prompts_per_step)[rank * per_rank:(rank + 1) * per_rank]
+            prompts = [rows[i] for i in chosen]
+            seeds = [args.seed + step * args.prompts_per_step + rank * per_rank + j for j in range(per_rank)]
+            outputs = engine.generate(prompts, n=args.group_size, temperature=args.temperature, top_p=args.top_p,
+                                      max_new_tokens=args.max_response_tokens, seed=seeds)
+            engine.sleep()
+            samples = [(row, c) for row, group in zip(prompts, outputs) for c in group]  # grouped by prompt
+            t["rollout"] = time.perf_counter()
+
+            # ---- reward ----
+            rewards = torch.tensor([R.reward(c.text, row, lenient=args.lenient_reward) for row, c in samples])
+            correct = torch.tensor([float(R.is_correct(c.text, row)) for row, c in samples])
+            formatted = torch.tensor([float(R.format_ok(c.text)) for _, c in samples])
+            t["reward"] = time.perf_counter()
+
+            # ---- advantages: per prompt group ----
+            adv = group_advantages(rewards, args.group_size)                                   # (N,)
+            zero_var = (rewards.view(-1, args.group_size).std(-1) == 0 if args.group_size > 1       # (per_rank,) groups that
+                        else torch.zeros(per_rank, dtype=torch.bool))             # carry no gradient
+            keep = ~zero_var.repeat_interleave(args.group_size) if args.filter_zero_variance else torch.ones(len(samples), dtype=torch.bool)
+            # mini-batches of prompts -> micro-batches of sequences. Every rank must run as many
+            # forwards/backwards (FSDP2 collectives): short ranks pad with empty micro-batches (None).
+            per_update = args.mini_batch // world * args.group_size  # sequences per mini-batch on this rank
+            updates = []
+            for first in range(0, len(samples), per_update):
+                kept = torch.arange(first, first + per_update)[keep[first:first + per_update]]
+                updates.append([kept[i:i + args.micro_batch] for i in range(0, len(kept), args.micro_batch)])
+            most = torch.tensor([len(u) for u in updates])
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            updates = [u + [None] * (int(k) - len(u)) for u, k in zip(updates, most)]
+
+            # ---- old and reference log-probs: the policy before this step's updates, the frozen ref ----
+            encoded = {id(row): M.encode_prompt(processor, row) for row in prompts}
+            pad = processor.tokenizer.pad_token_id
+            empty = M.to_device(M.collate([encoded[id(prompts[0])]], [[pad]], pad), device)  # a padding micro-batch
+            batch_of = {}  # micro-batch position -> (batch, old log-probs, reference log-probs)
+            with torch.no_grad():
+                for u, micro in enumerate(updates):
+                    for k, idx in enumerate(micro):
+                        b = empty if idx is None else M.to_device(M.collate(
+                            [encoded[id(samples[i][0])] for i in idx], [samples[i][1].token_ids for i in idx], pad), device)
+                        batch_of[u, k] = (b, M.token_logprobs(policy, b, args.temperature),
+                                          M.token_logprobs(ref, b, args.temperature) if ref is not None else None)
+            # canary: the engine's log-probs must match the trainer's (a stale sync shows up here)
+            gaps = [(torch.tensor(samples[i][1].logprobs, device=device) - old[j][b["completion_mask"][j]]).abs()
+                    for (u, k), (b, old, _) in batch_of.items() if updates[u][k] is not None
+                    for j, i in enumerate(updates[u][k].tolist())]
+            gaps = torch.cat(gaps) if gaps else torch.zeros(1, device=device)
+            t["logprobs"] = time.perf_counter()
+
+            # ---- updates: one optimizer step per mini-batch, one PPO epoch ----
+            policy.train()
+            stats = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "grad_norm": []}
+            n_tokens = max(1, sum(b["completion_mask"].sum().item() for (u, k), (b, _, _) in batch_of.items()
+                                  if updates[u][k] is not None))
+            for u, micro in enumerate(updates):
+                tokens = torch.tensor(float(sum(batch_of[u, k][0]["completion_mask"].sum() for k, idx in enumerate(micro)
+                                                if idx is not None)), device=device)
+                dist.all_reduce(tokens)  # token-global divides by every rank's tokens
+                for k, idx in enumerate(micro):
+                    b, old, ref_lp = batch_of[u, k]
+                    logp = M.token_logprobs(policy, b, args.temperature)               # (B, T)
+                    if idx is None:  # padding: join the collectives, contribute nothing
+                        (logp.sum() * 0).backward()
+                        continue
+                    mask = b["completion_mask"]                                         # (B, T)
+                    pg, clipped = clipped_policy_loss(logp, old, adv[idx].to(device), args.clip_low,
+                                                      args.clip_high, args.dual_clip)   # (B, T)
+                    kl = kl_k3(logp, ref_lp) if ref is not None else torch.zeros_like(pg)
+                    loss_tok = pg + args.kl_coef * kl                                   # (B, T)
+                    aggregate(loss_tok, mask, args.loss_agg, len(micro), int(tokens), world).backward()
+                    stats["loss"] += (loss_tok.detach() * mask).sum().item() / n_tokens
+                    stats["kl"] += (kl.detach() * mask).sum().item() / n_tokens
+                    stats["clip"] += (clipped & mask).sum().item() / n_tokens
+                norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+                norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                if math.isfinite(norm):
+                    optimizer.step()
+                else:
+                    M.print0(f"step {step + 1}: non-finite gradient norm, update skipped")
+                optimizer.zero_grad(set_to_none=True)
+                stats["grad_norm"].append(norm)
+            t["update"] = time.perf_counter()
+
+            # ---- weight sync: the engine samples the next step with the new weights ----
+            engine.update_weights(policy)
+            t["sync"] = time.perf_counter()
+
+            # ---- log ----
+            lengths = torch.tensor([float(len(c.token_ids)) for _, c in samples])
+            local = torch.tensor([rewards.sum(), correct.sum(), formatted.sum(), lengths.sum(), len(samples),
+                                  zero_var.sum(), len(zero_var), gaps.sum().item(), gaps.numel(), stats["loss"],
+                                  stats["kl"], stats["clip"]], dtype=torch.float64)
+            peak = torch.tensor([lengths.max(), gaps.max().item()], dtype=torch.float64)
+            dist.all_reduce(local)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            (r_sum, acc, fmt, len_sum, count, zv, groups, gap_sum, gap_n, loss_sum, kl_sum, clip_sum) = local.tolist()
+            m = {"step": step + 1, "reward": r_sum / count, "accuracy": acc / count, "format": fmt / count,
+                 "response_len": len_sum / count, "response_len_max": peak[0].item(), "zero_var_groups": zv / groups,
+                 "loss": loss_sum / world, "kl": kl_sum / world, "clip_frac": clip_sum / world,
+                 "grad_norm": max(stats["grad_norm"]), "lr": args.lr, "canary_mean": gap_sum / gap_n,
+                 "canary_max": peak[1].item(), "rollout_tokens_per_s": len_sum / world / (t["rollout"] - t["start"]),
+                 **{f"s_{k}": round(t[k] - prev, 3) for prev, k in zip(list(t.values()), list(t)[1:])},
+                 "peak_mem_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda" else 0) / 2**30}
+            if rank == 0:
+                print(f"step {m['step']}/{total_steps} reward {m['reward']:.3f} acc {m['accuracy']:.3f} "
+                      f"format {m['format']:.3f} len {m['response_len']:.0f}/{m['response_len_max']:.0f} "
+                      f"kl {m['kl']:.4f} clip {m['clip_frac']:.3f} gnorm {m['grad_norm']:.3f} "
+                      f"zero-var {m['zero_var_groups']:.2f} canary {m['canary_mean']:.2e}/{m['canary_max']:.2e} "
+                      f"time {' '.join(f'{k[2:]} {v:.1f}s' for k, v in m.items() if k.startswith('s_'))}", flush=True)
+                metrics_file.write(json.dumps(m) + "\n")
+                metrics_file.flush()
+            if args.dump_every and (step + 1) % args.dump_every == 0:
+                dumped = [{"dataset_index": row.get("dataset_index"), "completion": c.text, "reward": float(r)}
+                          for (row, c), r in zip(samples, rewards)]
+                everyone = [None] * world
+                dist.all_gather_object(everyone, dumped)
+                if rank == 0:
+                    (out / "rollouts").mkdir(exist_ok=True)
+                    with open(out / "rollouts" / f"step_{step + 1:06d}.jsonl", "w") as f:
+                        f.writelines(json.dumps(d) + "\n" for part in everyone for d in part)
+            if m["canary_mean"] > args.canary_max_gap and args.temperature == 1.0:
+                raise SystemExit(f"step {step + 1}: vLLM and trainer log-probs differ by {m['canary_mean']:.3g} on "
+                                 f"average (> --canary-max-gap {args.canary_max_gap}): the weight sync is stale")
+
+            # ---- checkpoint ----
+            if (step + 1) % args.save_every == 0 or step + 1 == total_steps:
+                save(policy, optimizer, processor, args, step + 1)
+
+            # ---- eval: greedy, lenient grader, on --eval-data ----
+            if eval_rows is not None and args.eval_every and (step + 1) % args.eval_every == 0:
+                share = [eval_rows[i] for i in range(rank, len(eval_rows), world)]
+                answers = engine.generate(share, n=1, temperature=0.0, max_new_tokens=args.max_response_tokens)
+                hits = torch.tensor([sum(R.is_correct(a[0].text, row) for row, a in zip(share, answers)), len(share)],
+                                    dtype=torch.float64)
+                dist.all_reduce(hits)
+                M.print0(f"eval step {step + 1}: accuracy {hits[0] / hits[1]:.3f} on {int(hits[1])} rows")
+                if rank == 0:
+                    metrics_file.write(json.dumps({"step": step + 1, "eval_accuracy": (hits[0] / hits[1]).item()}) + "\n")
+    finally:
+        if engine is not None:
+            engine.close()
+        del policy, ref, optimizer, engine
+        M.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
