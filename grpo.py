@@ -18,6 +18,8 @@ Left out on purpose: entropy bonus (0 in the recipe), critic, reward models, seq
 
     python grpo.py --model tiny --data DATA --prompts-per-step 4 --mini-batch 2 ...   # 1 process, CPU
     torchrun --nproc_per_node 8 grpo.py --model qwen2.5-vl-7b --data DATA              # 1 node
+Resuming needs no RNG state: the data order is a function of (seed, epoch) and every prompt's
+sampling is seeded by (seed, step, prompt), so a resumed run reproduces the uninterrupted one.
 Rows with images are never truncated: a prompt over --max-prompt-tokens is an error before
 training starts (or, with --skip-long-prompts, dropped with a count). A run resumes from the last
 complete checkpoint in --out with --resume.
@@ -28,6 +30,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import sys
 import time
@@ -369,12 +372,14 @@ def main(argv: list[str] | None = None) -> None:
                  "grad_norm": max(stats["grad_norm"]), "lr": args.lr, "canary_mean": gap_sum / gap_n,
                  "canary_max": peak[1].item(), "rollout_tokens_per_s": len_sum / world / (t["rollout"] - t["start"]),
                  **{f"s_{k}": round(t[k] - prev, 3) for prev, k in zip(list(t.values()), list(t)[1:])},
-                 "peak_mem_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda" else 0) / 2**30}
+                 "peak_mem_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda" else 0) / 2**30,
+                 "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
             if rank == 0:
                 print(f"step {m['step']}/{total_steps} reward {m['reward']:.3f} acc {m['accuracy']:.3f} "
                       f"format {m['format']:.3f} len {m['response_len']:.0f}/{m['response_len_max']:.0f} "
                       f"kl {m['kl']:.4f} clip {m['clip_frac']:.3f} gnorm {m['grad_norm']:.3f} "
                       f"zero-var {m['zero_var_groups']:.2f} canary {m['canary_mean']:.2e}/{m['canary_max']:.2e} "
+                      f"rollout {m['rollout_tokens_per_s']:.0f} tok/s mem {m['peak_mem_gb']:.1f} GB rss {m['peak_rss_gb']:.1f} GB "
                       f"time {' '.join(f'{k[2:]} {v:.1f}s' for k, v in m.items() if k.startswith('s_'))}", flush=True)
                 metrics_file.write(json.dumps(m) + "\n")
                 metrics_file.flush()
