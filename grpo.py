@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import evaluate
 import model as M
 import reward as R
 
@@ -93,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0: all)")
     g.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     g.add_argument("--dump-every", type=int, default=10, help="write sampled rollouts every N steps")
-    g.add_argument("--eval-data", default=None, help="rows to evaluate greedily (lenient grader) every --eval-every steps")
+    g.add_argument("--eval-data", default=None, help="rows evaluate.py scores greedily every --eval-every steps")
     g.add_argument("--eval-every", type=int, default=0, help="0: no in-training evaluation")
     args = p.parse_args(argv)
     if args.prompts_per_step % args.mini_batch:
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
                                   if args.rollout == "vllm" else {}))
         if start:
             engine.update_weights(policy)  # the engine loaded the initial weights from disk
-        eval_rows = M.load_rows(args.eval_data, "test") if args.eval_data else None
+        eval_rows = list(M.load_rows(args.eval_data, "test")) if args.eval_data else None
         metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
         per_rank = args.prompts_per_step // world
 
@@ -400,16 +401,14 @@ def main(argv: list[str] | None = None) -> None:
             if (step + 1) % args.save_every == 0 or step + 1 == total_steps:
                 save(policy, optimizer, processor, args, step + 1)
 
-            # ---- eval: greedy, lenient grader, on --eval-data ----
+            # ---- eval: evaluate.py's greedy run and summary on --eval-data ----
             if eval_rows is not None and args.eval_every and (step + 1) % args.eval_every == 0:
-                share = [eval_rows[i] for i in range(rank, len(eval_rows), world)]
-                answers = engine.generate(share, n=1, temperature=0.0, max_new_tokens=args.max_response_tokens)
-                hits = torch.tensor([sum(R.is_correct(a[0].text, row) for row, a in zip(share, answers)), len(share)],
-                                    dtype=torch.float64)
-                dist.all_reduce(hits)
-                M.print0(f"eval step {step + 1}: accuracy {hits[0] / hits[1]:.3f} on {int(hits[1])} rows")
+                records = evaluate.run(engine, eval_rows, out / "eval" / f"step_{step + 1:06d}.jsonl",
+                                       max_new_tokens=args.max_response_tokens, seed=args.seed)
+                summary = evaluate.summarize(records)
+                M.print0(f"eval step {step + 1}: " + " ".join(f"{name} {v['lenient']:.1f}" for name, v in summary.items()))
                 if rank == 0:
-                    metrics_file.write(json.dumps({"step": step + 1, "eval_accuracy": (hits[0] / hits[1]).item()}) + "\n")
+                    metrics_file.write(json.dumps({"step": step + 1, "eval": summary}) + "\n")
     finally:
         if engine is not None:
             engine.close()

@@ -611,8 +611,10 @@ class HFEngine:
         # A sharded model's forward is a collective: every rank must run the same modules in the same
         # order. So all ranks generate all ranks' rows, in one order with the same seeds, each keeping
         # its own share; synced_gpus keeps them stepping together until every sequence is done.
+        from torch.distributed.fsdp import FSDPModule
+
         offset, mine = 0, len(rows)
-        sharded = dist.is_initialized() and dist.get_world_size() > 1
+        sharded = isinstance(model, FSDPModule) and dist.get_world_size() > 1
         if sharded:
             shares = [None] * dist.get_world_size()
             dist.all_gather_object(shares, (rows, seeds))

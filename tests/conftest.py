@@ -108,3 +108,30 @@ def sft_tiny(tiny_path, processor) -> str:
 
 
 SFT_STEPS = 70
+
+
+def make_eval_rows() -> list[dict]:
+    """Two rows per benchmark of the paper, with single-image, two-image and text-only rows."""
+    yes_no = json.dumps({"A": "Yes", "B": "No"})
+    five = json.dumps({"A": "CT", "B": "MRI", "C": "X-ray", "D": "Ultrasound", "E": "PET"})
+    specs = [("pmc_vqa", json.dumps(TOY_OPTIONS), 1), ("MMMU-medical", five, 2), ("MMMU-medical", five, 0),
+             ("MedXpertQA-MM", five, 1), ("pathvqa_closed", yes_no, 1), ("slake_closed", yes_no, 1),
+             ("vqa_rad_closed", yes_no, 1)]
+    rows = []
+    for i, (name, options, n_images) in enumerate(specs * 2):
+        labels = list(json.loads(options))
+        label = labels[i % len(labels)]
+        rows.append({"images": [make_image(200 + 10 * i + k, (84 + 28 * k, 112)) for k in range(n_images)],
+                     "question": f"Question {i} about {name}?", "options": options, "answer_label": label,
+                     "answer": json.loads(options)[label], "reasoning": None, "dataset_name": name,
+                     "dataset_index": i})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def eval_data(tmp_path_factory) -> str:
+    from datasets import Dataset
+
+    path = tmp_path_factory.mktemp("eval") / "eval"
+    Dataset.from_list(make_eval_rows()).save_to_disk(str(path))
+    return str(path)

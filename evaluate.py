@@ -1,0 +1,227 @@
+"""Evaluate checkpoints on the six medical VQA benchmarks of MedVLThinker (SPEC.md section 7).
+
+Greedy decoding (temperature 0, max 4096 new tokens, seed 42) with the training prompt, through the
+rollout engine (vLLM, or --rollout hf), data parallel over torchrun ranks. Every finished row is
+appended to `OUT/NAME/results.jsonl` (completion, extracted answer, both verdicts, token count), so
+a killed evaluation picks up where it stopped. The summary gives accuracy per benchmark and their
+unweighted average with two graders side by side: `lenient` (reward.is_correct, the paper's
+metric) and `strict` (reward.reward, the training reward: format required), plus the format
+failure rate and the mean response length.
+
+    python evaluate.py --model qwen2.5-vl-3b runs/7b-rl-m23k/checkpoints/step_000320 --compare-paper
+    torchrun --nproc_per_node 8 evaluate.py --model qwen2.5-vl-7b --repeats 3
+    python evaluate.py --model tiny --data EVAL_DIR --limit 20 --rollout hf       # CPU smoke test
+
+Several --model values give one table. grpo.py calls `run` and `summarize` for in-training eval.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+import model as M
+import reward as R
+
+BENCHMARKS = ["pmc_vqa", "MMMU-medical", "MedXpertQA-MM", "pathvqa_closed", "slake_closed", "vqa_rad_closed"]
+# The paper's greedy accuracies (%), same column order, then the average.
+PAPER = {
+    "Qwen2.5-VL-3B-Instruct": [44.77, 44.12, 20.69, 61.96, 61.30, 62.01, 49.14],
+    "3B SFT(m23k)": [28.53, 32.55, 16.00, 42.74, 43.91, 33.09, 32.80],
+    "3B SFT(PMC)": [54.55, 47.84, 21.46, 52.76, 65.79, 58.58, 50.16],
+    "3B RL(m23k)": [47.32, 52.16, 22.90, 62.28, 63.38, 71.08, 53.19],
+    "3B RL(PMC)": [54.22, 48.43, 21.51, 51.61, 75.56, 62.38, 52.28],
+    "Qwen2.5-VL-7B-Instruct": [49.30, 52.94, 18.89, 65.39, 65.71, 68.75, 53.50],
+    "7B SFT(PMC)": [54.67, 49.80, 21.39, 53.02, 67.71, 57.72, 50.72],
+    "7B RL(m23k)": [50.67, 56.86, 24.43, 66.83, 65.79, 64.71, 54.88],
+    "7B RL(PMC)": [55.38, 55.29, 24.11, 57.09, 66.59, 63.48, 53.66],
+    "Qwen2.5-VL-32B-Instruct": [53.28, 63.92, 27.68, 67.98, 73.24, 75.12, 60.20],
+    "32B RL(m23k)": [54.37, 70.00, 34.60, 68.82, 73.96, 76.96, 63.12],
+    "GPT-4o": [58.55, 68.82, 35.95, 72.43, 76.44, 70.22, 63.74],
+}
+
+
+# ---- scoring: one completion -> one record; records -> a summary ----
+
+def row_key(row: dict, position: int) -> str:
+    """The id a result joins on: dataset_name and dataset_index (the row's position if it has none)."""
+    index = row.get("dataset_index")
+    return f"{row.get('dataset_name')}/{position if index is None else index}"
+
+
+def score(row: dict, key: str, completion: str, tokens: int, repeat: int = 0) -> dict:
+    """One result line: both graders' verdicts on one completion."""
+    return {"key": key, "repeat": repeat, "dataset_name": row.get("dataset_name"), "completion": completion,
+            "answer": R.extract_answer(completion), "lenient": R.is_correct(completion, row),
+            "strict": R.reward(completion, row) == 1.0, "format_ok": R.format_ok(completion), "tokens": tokens}
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per benchmark (in BENCHMARKS order, then any other dataset_name): rows, lenient and strict
+    accuracy (%), format failures (%), mean response tokens; "Avg." is the unweighted mean."""
+    names = [b for b in BENCHMARKS if any(r["dataset_name"] == b for r in records)]
+    names += sorted({r["dataset_name"] for r in records} - set(names))
+    out = {}
+    for name in names:
+        rs = [r for r in records if r["dataset_name"] == name]
+        out[name] = {"rows": len(rs), "lenient": 100 * sum(r["lenient"] for r in rs) / len(rs),
+                     "strict": 100 * sum(r["strict"] for r in rs) / len(rs),
+                     "format_fail": 100 * sum(not r["format_ok"] for r in rs) / len(rs),
+                     "tokens": sum(r["tokens"] for r in rs) / len(rs)}
+    if out:
+        out["Avg."] = {k: statistics.mean(v[k] for v in out.values()) for k in ("lenient", "strict", "format_fail", "tokens")}
+        out["Avg."]["rows"] = sum(v["rows"] for n, v in out.items() if n != "Avg.")
+    return out
+
+
+def table(summaries: dict[str, dict], compare_paper: bool = False) -> str:
+    """Markdown: one row per model and grader (lenient is the paper's metric), paper rows optional.
+    A summary value may carry a spread over repeats ("lenient_std")."""
+    names = []
+    for s in summaries.values():
+        names += [n for n in s if n not in names and n != "Avg."]
+    head = "| model | grader | " + " | ".join(names) + " | Avg. | format fail % | tokens |"
+    lines = [head, "|" + "---|" * (len(names) + 5)]
+    for model_name, s in summaries.items():
+        for grader in ("lenient", "strict"):
+            cells = [f"{s[n][grader]:.2f}" + (f" ± {s[n][grader + '_std']:.2f}" if s[n].get(grader + "_std") else "")
+                     if n in s else "" for n in names + ["Avg."]]
+            lines.append(f"| {model_name} | {grader} | " + " | ".join(cells)
+                         + f" | {s['Avg.']['format_fail']:.1f} | {s['Avg.']['tokens']:.0f} |")
+    if compare_paper:
+        for paper_name, values in PAPER.items():
+            cells = [f"{values[BENCHMARKS.index(n)]:.2f}" if n in BENCHMARKS else "" for n in names]
+            lines.append(f"| {paper_name} (paper) | lenient | " + " | ".join(cells) + f" | {values[-1]:.2f} | | |")
+    return "\n".join(lines)
+
+
+# ---- inference: rows -> results.jsonl, resumable ----
+
+def read_results(path: Path) -> list[dict]:
+    """Complete lines only: a line cut by a kill is dropped, and its row runs again."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return records
+
+
+def run(engine, rows, results_path: Path, repeat: int = 0, max_new_tokens: int = 4096, seed: int = 42,
+        chunk_rows: int = 256) -> list[dict]:
+    """Greedy completions for the rows of `rows` not yet in `results_path` for this repeat, appended
+    chunk by chunk as they finish (rank 0 writes). Every rank calls this; returns all of the repeat's
+    records (on every rank)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    keys = [row_key(rows[i], i) for i in range(len(rows))]
+    done = [None]
+    if rank == 0:
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        done[0] = {r["key"]: r for r in read_results(results_path) if r["repeat"] == repeat}
+    dist.broadcast_object_list(done)
+    done = done[0]
+    todo = [i for i in range(len(rows)) if keys[i] not in done]
+    if done:
+        M.print0(f"{results_path}: {len(done)} rows already done, {len(todo)} to go")
+    for start in range(0, len(todo), chunk_rows):
+        mine = todo[start:start + chunk_rows][rank::world]
+        outputs = engine.generate([rows[i] for i in mine], n=1, temperature=0.0, max_new_tokens=max_new_tokens,
+                                  seed=[seed] * len(mine))
+        new = [score(rows[i], keys[i], out[0].text, len(out[0].token_ids), repeat) for i, out in zip(mine, outputs)]
+        everyone = [None] * world
+        dist.all_gather_object(everyone, new)
+        new = [r for part in everyone for r in part]
+        if rank == 0:
+            with open(results_path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in new)
+                f.flush()
+                os.fsync(f.fileno())
+        done.update((r["key"], r) for r in new)
+        M.print0(f"  {len(done)}/{len(rows)} rows")
+    return [done[k] for k in keys]
+
+
+def load_eval_rows(args) -> list[dict]:
+    data = M.load_rows(args.data, args.split)
+    if args.benchmarks:
+        wanted = set(args.benchmarks)
+        data = data.filter(lambda name: name in wanted, input_columns="dataset_name")
+    if args.limit:  # the first --limit rows of each benchmark
+        seen, keep = {}, []
+        for i, name in enumerate(data["dataset_name"]):
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] <= args.limit:
+                keep.append(i)
+        data = data.select(keep)
+    return [data[i] for i in range(len(data))]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs="+", default=["qwen2.5-vl-3b"], help="one or more aliases, hub ids or checkpoints")
+    p.add_argument("--data", default="UCSC-VLAA/MedVLThinker-Eval", help="hub name, save_to_disk dir, or parquet/jsonl file")
+    p.add_argument("--split", default="test", help="split of a hub dataset or DatasetDict")
+    p.add_argument("--benchmarks", nargs="*", default=None, help=f"dataset_name values to keep ({', '.join(BENCHMARKS)})")
+    p.add_argument("--limit", type=int, default=0, help="at most this many rows per benchmark (0: all)")
+    p.add_argument("--repeats", type=int, default=1, help="greedy runs to average (the paper: 3)")
+    p.add_argument("--max-new-tokens", type=int, default=4096, help="response budget")
+    p.add_argument("--seed", type=int, default=42, help="engine seed")
+    p.add_argument("--rollout", choices=["vllm", "hf"], default="vllm", help="inference engine")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="vLLM tensor parallel size (4 for 32B on 8 GPUs)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM's share of GPU memory")
+    p.add_argument("--vllm-dtype", default="auto", help="vLLM weights dtype")
+    p.add_argument("--max-model-len", type=int, default=8192, help="vLLM context (prompt + response)")
+    p.add_argument("--chunk-rows", type=int, default=256, help="rows per engine call (results are written per chunk)")
+    p.add_argument("--compare-paper", action="store_true", help="print the paper's rows beside ours")
+    p.add_argument("--out", default="runs/eval", help="output directory")
+    args = p.parse_args(argv)
+
+    rank, world, device = M.init_distributed()
+    engine = None
+    try:
+        rows = load_eval_rows(args)
+        M.print0(f"{len(rows)} rows: " + ", ".join(f"{n} {sum(r['dataset_name'] == n for r in rows)}"
+                                                  for n in dict.fromkeys(r["dataset_name"] for r in rows)))
+        max_images = max([len(r.get("images") or []) for r in rows] + [1])
+        summaries = {}
+        for name in args.model:
+            path = M.resolve_model(name)
+            processor = M.load_processor(path)
+            policy = M.load_model(path, device=device) if args.rollout == "hf" else None
+            engine = M.make_engine(args.rollout, path, processor, model=policy, **(dict(
+                max_model_len=args.max_model_len, max_images=max_images, tensor_parallel_size=args.tensor_parallel,
+                gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, dtype=args.vllm_dtype)
+                if args.rollout == "vllm" else {}))
+            out = Path(args.out) / name.strip("/").replace("/", "__")
+            runs = [summarize(run(engine, rows, out / "results.jsonl", repeat, args.max_new_tokens, args.seed,
+                                  args.chunk_rows)) for repeat in range(args.repeats)]
+            summary = {bench: {k: statistics.mean(r[bench][k] for r in runs) for k in runs[0][bench]} for bench in runs[0]}
+            if args.repeats > 1:  # spread of the repeated greedy runs
+                for bench in summary:
+                    for grader in ("lenient", "strict"):
+                        summary[bench][grader + "_std"] = statistics.pstdev(r[bench][grader] for r in runs)
+            summaries[name] = summary
+            if rank == 0:
+                (out / "summary.json").write_text(json.dumps({"model": name, "repeats": runs, "mean": summary}, indent=2))
+            if len(args.model) > 1:  # the next model needs its own engine
+                engine.close()
+                engine = None
+                M.init_distributed()
+        M.print0(table(summaries, args.compare_paper))
+        if rank == 0:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "table.md").write_text(table(summaries, args.compare_paper) + "\n")
+    finally:
+        if engine is not None:
+            engine.close()
+        M.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,104 @@
+"""evaluate.py: scoring on scripted completions, the tiny model end to end, resuming after a kill,
+and a checkpoint written by grpo.py next to another model in one table."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import evaluate
+from conftest import ROOT, make_eval_rows
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def evaluate_cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "evaluate.py")] + args, capture_output=True, text=True,
+                          env=ENV, timeout=900)
+
+
+def test_scoring_scripted_completions():
+    rows = make_eval_rows()
+    scripted = {
+        0: "<think>a</think><answer>A</answer>",        # pmc_vqa, label A: right, formatted
+        7: "The answer is: D",                          # pmc_vqa, label D: lenient right via the fallback
+        1: "<think>x</think><answer>\nB\n</answer>",    # MMMU label B: lenient right, strict 0 (newline quirk)
+        8: "<answer>C</answer>",                        # MMMU two images, label D: wrong
+    }
+    records = []
+    for i, row in enumerate(rows):
+        text = scripted.get(i, "<think>no idea</think><answer>Z</answer>")
+        records.append(evaluate.score(row, evaluate.row_key(row, i), text, tokens=10 + i))
+    summary = evaluate.summarize(records)
+    labels = {i: row["answer_label"] for i, row in enumerate(rows)}
+    assert labels[0] == "A" and labels[7] == "D" and labels[1] == "B" and labels[8] == "D"
+    # pmc_vqa rows 0 and 7: both right for the lenient grader; only row 0 is formatted for strict
+    assert summary["pmc_vqa"]["lenient"] == 100.0 and summary["pmc_vqa"]["strict"] == 50.0
+    assert summary["pmc_vqa"]["format_fail"] == 50.0 and summary["pmc_vqa"]["tokens"] == (10 + 17) / 2
+    # MMMU rows 1, 2, 8, 9: lenient right on row 1 only
+    assert summary["MMMU-medical"]["rows"] == 4
+    assert summary["MMMU-medical"]["lenient"] == 25.0 and summary["MMMU-medical"]["strict"] == 0.0
+    for name in ("MedXpertQA-MM", "pathvqa_closed", "slake_closed", "vqa_rad_closed"):
+        assert summary[name]["lenient"] == 0.0 and summary[name]["format_fail"] == 0.0
+    assert summary["Avg."]["lenient"] == pytest.approx((100 + 25) / 6)
+    assert summary["Avg."]["strict"] == pytest.approx(50 / 6)
+    assert list(summary)[:6] == evaluate.BENCHMARKS
+    table = evaluate.table({"scripted": summary}, compare_paper=True)
+    assert "| scripted | lenient | 100.00 | 25.00 |" in table and "| GPT-4o (paper) | lenient | 58.55 |" in table
+
+
+def test_tiny_end_to_end_counts_match_results(tiny_path, eval_data, tmp_path):
+    run = evaluate_cli(["--model", tiny_path, "--data", eval_data, "--max-new-tokens", "8", "--vllm-dtype", "float32",
+                        "--out", str(tmp_path)])
+    assert run.returncode == 0, run.stderr[-5000:]
+    name = tiny_path.strip("/").replace("/", "__")
+    records = [json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / name / "summary.json").read_text())["mean"]
+    assert len(records) == len({r["key"] for r in records}) == 14
+    for bench in evaluate.BENCHMARKS:
+        assert summary[bench]["rows"] == sum(r["dataset_name"] == bench for r in records)
+        assert summary[bench]["lenient"] == 100 * sum(r["lenient"] for r in records if r["dataset_name"] == bench) / summary[bench]["rows"]
+    assert all(0 < r["tokens"] <= 8 for r in records)
+    assert "| " + tiny_path + " | lenient |" in run.stdout
+
+
+def test_kill_and_rerun_no_row_twice_none_missing(tiny_path, eval_data, tmp_path):
+    args = ["--model", tiny_path, "--data", eval_data, "--max-new-tokens", "6", "--rollout", "hf", "--chunk-rows", "2"]
+    reference = evaluate_cli(args + ["--out", str(tmp_path / "ref")])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    name = tiny_path.strip("/").replace("/", "__")
+    results = tmp_path / "killed" / name / "results.jsonl"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py")] + args + ["--out", str(tmp_path / "killed")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 300
+    while (not results.exists() or len(results.read_text().splitlines()) < 4) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(results.read_text().splitlines())
+    assert 4 <= partial < 14, partial
+    rerun = evaluate_cli(args + ["--out", str(tmp_path / "killed")])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "rows already done" in rerun.stdout
+    keys = [json.loads(line)["key"] for line in results.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 14
+    ref_summary = json.loads((tmp_path / "ref" / name / "summary.json").read_text())["mean"]
+    assert json.loads((tmp_path / "killed" / name / "summary.json").read_text())["mean"] == ref_summary
+
+
+def test_grpo_checkpoint_and_another_model_in_one_table(sft_tiny, tiny_path, toy_data, eval_data, tmp_path):
+    train = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--model", sft_tiny, "--data", toy_data,
+                            "--out", str(tmp_path / "grpo"), "--max-steps", "1", "--rollout", "hf", "--kl-coef", "0",
+                            "--prompts-per-step", "2", "--group-size", "2", "--mini-batch", "2",
+                            "--max-response-tokens", "8"], capture_output=True, text=True, env=ENV, timeout=900)
+    assert train.returncode == 0, train.stderr[-3000:]
+    checkpoint = str(tmp_path / "grpo" / "checkpoints" / "step_000001")
+    run = evaluate_cli(["--model", checkpoint, tiny_path, "--data", eval_data, "--max-new-tokens", "6",
+                        "--benchmarks", "pmc_vqa", "slake_closed", "--vllm-dtype", "float32", "--out", str(tmp_path / "eval")])
+    assert run.returncode == 0, run.stderr[-5000:]
+    table = (tmp_path / "eval" / "table.md").read_text()
+    assert f"| {checkpoint} | lenient |" in table and f"| {tiny_path} | strict |" in table
+    assert "| model | grader | pmc_vqa | slake_closed | Avg. |" in table
