@@ -1,5 +1,5 @@
 """evaluate.py: scoring on scripted completions, the tiny model end to end, resuming after a kill,
-and a checkpoint written by grpo.py next to another model in one table."""
+and a checkpoint written by grpo.py (with in-training eval) next to another model in one table."""
 import json
 import os
 import signal
@@ -93,8 +93,11 @@ def test_grpo_checkpoint_and_another_model_in_one_table(sft_tiny, tiny_path, toy
     train = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--model", sft_tiny, "--data", toy_data,
                             "--out", str(tmp_path / "grpo"), "--max-steps", "1", "--rollout", "hf", "--kl-coef", "0",
                             "--prompts-per-step", "2", "--group-size", "2", "--mini-batch", "2",
-                            "--max-response-tokens", "8"], capture_output=True, text=True, env=ENV, timeout=900)
+                            "--max-response-tokens", "8", "--eval-data", eval_data, "--eval-every", "1"],
+                           capture_output=True, text=True, env=ENV, timeout=900)
     assert train.returncode == 0, train.stderr[-3000:]
+    in_training = json.loads((tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()[-1])["eval"]
+    assert in_training["Avg."]["rows"] == 14 and set(evaluate.BENCHMARKS) < set(in_training)
     checkpoint = str(tmp_path / "grpo" / "checkpoints" / "step_000001")
     run = evaluate_cli(["--model", checkpoint, tiny_path, "--data", eval_data, "--max-new-tokens", "6",
                         "--benchmarks", "pmc_vqa", "slake_closed", "--vllm-dtype", "float32", "--out", str(tmp_path / "eval")])
