@@ -28,10 +28,8 @@ complete checkpoint in --out with --resume.
 import argparse
 import json
 import math
-import os
 import random
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -186,33 +184,9 @@ def step_prompts(order_seed: int, indices: list[int], step: int, per_step: int) 
 # ---- checkpoints ----
 
 def save(policy, optimizer, processor, args, step: int) -> None:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     path = Path(args.out) / "checkpoints" / f"step_{step:06d}"
-    model_sd, optim_sd = get_state_dict(policy, optimizer)
-    M.save_checkpoint(policy, processor, path, {"step": step, "config": vars(args)},
-                      dtype=getattr(torch, args.dtype), resume_state={"model": model_sd, "optim": optim_sd})
-    if dist.get_rank() == 0 and args.keep_last:
-        for old in sorted((Path(args.out) / "checkpoints").glob("step_*"))[:-args.keep_last]:
-            shutil.rmtree(old)
-
-
-def resume(policy, optimizer, args) -> int:
-    """Load the last complete checkpoint's fp32 model shards and optimizer state; return its step."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    done = sorted(p for p in (Path(args.out) / "checkpoints").glob("step_*") if (p / "trainer_state.json").exists())
-    if not done:
-        M.print0("--resume: no checkpoint yet, starting at step 0")
-        return 0
-    model_sd, optim_sd = get_state_dict(policy, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(done[-1] / "resume"))
-    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    step = json.loads((done[-1] / "trainer_state.json").read_text())["step"]
-    M.print0(f"resumed from {done[-1]} (step {step})")
-    return step
+    M.save_training_checkpoint(policy, optimizer, processor, path, {"step": step, "config": vars(args)},
+                               dtype=getattr(torch, args.dtype), keep_last=args.keep_last)
 
 
 # ---- the loop ----
@@ -255,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         M.print0("reference model: " + ("frozen copy of the initial policy" if ref is not None else "none (--kl-coef 0)"))
         optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=tuple(args.betas),
                                       weight_decay=args.weight_decay)
-        start = resume(policy, optimizer, args) if args.resume else 0
+        start = M.load_training_checkpoint(policy, optimizer, out / "checkpoints") if args.resume else 0
         engine = M.make_engine(args.rollout, path, processor, model=policy,
                                **(dict(max_model_len=args.max_prompt_tokens + args.max_response_tokens,
                                        tensor_parallel_size=args.tensor_parallel, dtype=args.vllm_dtype,

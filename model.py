@@ -459,6 +459,39 @@ def save_checkpoint(model, processor, out_dir: str | Path, meta: dict, dtype: to
         dist.barrier()
 
 
+
+def save_training_checkpoint(model, optimizer, processor, path: Path, meta: dict, dtype: torch.dtype,
+                             keep_last: int = 0) -> None:
+    """A training checkpoint: the Hugging Face directory plus `resume/`, the fp32 model shards and the
+    optimizer state through torch.distributed.checkpoint (each rank writes its own shards). With
+    keep_last, older `step_*` siblings are deleted once this one is complete."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    save_checkpoint(model, processor, path, meta, dtype=dtype, resume_state={"model": model_sd, "optim": optim_sd})
+    if keep_last and (not dist.is_initialized() or dist.get_rank() == 0):
+        for old in sorted(path.parent.glob("step_*"))[:-keep_last]:
+            shutil.rmtree(old)
+
+
+def load_training_checkpoint(model, optimizer, checkpoints: Path) -> int:
+    """Load the last complete `step_*` checkpoint under `checkpoints` into the sharded model and the
+    optimizer; return its step (0 when there is none). Incomplete ones are `.partial` and ignored."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    done = sorted(p for p in checkpoints.glob("step_*") if (p / "trainer_state.json").exists())
+    if not done:
+        print0(f"resume: no checkpoint in {checkpoints}, starting at step 0")
+        return 0
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(done[-1] / "resume"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    step = json.loads((done[-1] / "trainer_state.json").read_text())["step"]
+    print0(f"resumed from {done[-1]} (step {step})")
+    return step
+
 def load_rows(spec: str, split: str = "train"):
     """A unified-schema dataset: a hub name, a `save_to_disk` directory, or a parquet/jsonl/json/csv
     file (images as PIL, {"bytes"/"path"} dicts or paths; row_images reads all of them)."""

@@ -1,0 +1,215 @@
+"""Supervised fine-tuning on reasoning traces: FSDP2, bf16 compute with fp32 master weights.
+
+The target of a row is `<think> {reasoning} </think>\\n<answer> {label} </answer><|im_end|>` after the
+recipe's prompt (model.build_messages); rows of the released `*-tokenized` datasets carry the whole
+chat pre-rendered in a `text` column instead, split at the last assistant header. The loss is on
+the target tokens only (closing <|im_end|> included), summed, and divided by the number of target
+tokens of the whole optimizer step on all ranks: every token weighs the same whatever the micro-
+batch size, accumulation or world size (SPEC.md section 8). Text-only and image rows mix freely.
+
+Defaults are the recipe (SPEC.md section 6): lr 1e-5 cosine with 5% warmup, AdamW (0.9, 0.95,
+wd 1e-4), grad clip 1.0, global batch 16, max length 32768, 5 epochs (the released models are
+epoch 3), no packing.
+
+    python sft.py --model tiny --data DATA --global-batch 4 --micro-batch 2 --epochs 3      # CPU
+    torchrun --nproc_per_node 8 sft.py --model qwen2.5-vl-7b --data UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized
+
+Checkpoints (every epoch, or --save-every steps) are Hugging Face directories plus sharded
+optimizer state; --resume continues from the last complete one, with the same data order (a
+function of seed and epoch) and learning-rate schedule (a function of the step).
+"""
+
+import argparse
+import json
+import math
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import model as M
+
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
+
+
+# ---- config ----
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="qwen2.5-vl-3b", help="alias (qwen2.5-vl-3b|7b|32b, tiny), hub id or local checkpoint")
+    g.add_argument("--data", required=True, help="rows with `reasoning` (or a pre-rendered `text`): hub name, save_to_disk dir, parquet/jsonl")
+    g.add_argument("--split", default="train", help="split of a hub dataset or DatasetDict")
+    g.add_argument("--max-length", type=int, default=32768, help="prompt + target tokens; longer rows are an error")
+    g.add_argument("--skip-long", action="store_true", help="drop over-long rows (with a count) instead of stopping")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--global-batch", type=int, default=16, help="sequences per optimizer step, all ranks together")
+    g.add_argument("--micro-batch", type=int, default=1, help="sequences per forward/backward on one rank")
+    g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    g.add_argument("--warmup-ratio", type=float, default=0.05, help="linear warmup share of all steps, then cosine to 0")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    g.add_argument("--epochs", type=int, default=5, help="passes over the data")
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: epochs decide; the schedule still spans all epochs)")
+    g.add_argument("--seed", type=int, default=42, help="data order")
+    g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16" if torch.cuda.is_available() else "float32",
+                   help="compute dtype (FSDP2 mixed precision; master weights stay fp32)")
+    g.add_argument("--no-gradient-checkpointing", action="store_true", help="keep activations instead of recomputing them")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="runs/sft", help="output directory")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end of every epoch)")
+    g.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0: all)")
+    g.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    args = p.parse_args(argv)
+    return args
+
+
+# ---- data ----
+
+def encode(processor, row: dict) -> tuple[dict, list[int]]:
+    """(prompt encoding, target token ids) for a row with `reasoning`, or with a pre-rendered `text`."""
+    tok = processor.tokenizer
+    if row.get("reasoning") is None and row.get("text"):
+        head, sep, target = row["text"].rpartition(ASSISTANT_HEADER)
+        if not sep:
+            raise ValueError(f"row {row.get('dataset_index')}: `text` has no assistant turn")
+        enc = processor(text=[head + sep], images=M.row_images(row) or None, return_tensors="pt")
+        prompt = {"input_ids": enc["input_ids"][0], "mm_token_type_ids": enc["mm_token_type_ids"][0],
+                  "pixel_values": enc.get("pixel_values"), "image_grid_thw": enc.get("image_grid_thw")}
+        target = target[:target.index("<|im_end|>") + len("<|im_end|>")] if "<|im_end|>" in target else target + "<|im_end|>"
+        return prompt, tok(target)["input_ids"]
+    return M.encode_prompt(processor, row), tok(M.sft_target(row) + "<|im_end|>")["input_ids"]
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return order
+
+
+def lr_at(step: int, total: int, args) -> float:
+    """Linear warmup over warmup_ratio * total steps, then cosine decay to 0 at `total`."""
+    warmup = math.ceil(args.warmup_ratio * total)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---- the loop ----
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rank, world, device = M.init_distributed()
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    policy = optimizer = None
+    try:
+        if args.global_batch % (world * args.micro_batch):
+            raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of world size x --micro-batch")
+        accum = args.global_batch // (world * args.micro_batch)
+        path = M.resolve_model(args.model)
+        processor = M.load_processor(path)
+        rows = M.load_rows(args.data, args.split)
+
+        # lengths checked before training starts (each rank encodes a share; encodings are not kept:
+        # with images they are large, and each step encodes its own rows again)
+        mine = {}
+        for i in tqdm(range(rank, len(rows), world), disable=rank != 0, desc="checking lengths"):
+            prompt, target = encode(processor, rows[i])
+            mine[i] = len(prompt["input_ids"]) + len(target)
+        lengths = [None] * world
+        dist.all_gather_object(lengths, mine)
+        lengths = {i: n for part in lengths for i, n in part.items()}
+        too_long = sorted(i for i, n in lengths.items() if n > args.max_length)
+        if too_long and not args.skip_long:
+            raise SystemExit(f"{len(too_long)} rows exceed --max-length {args.max_length}: " + "; ".join(
+                f"row {i} ({lengths[i]} tokens)" for i in too_long[:10]) + ". Raise the limit or pass --skip-long.")
+        if too_long:
+            M.print0(f"skipping {len(too_long)} rows over {args.max_length} tokens")
+        usable = [i for i in range(len(rows)) if lengths[i] <= args.max_length]
+        steps_per_epoch = len(usable) // args.global_batch
+        total = steps_per_epoch * args.epochs
+        if steps_per_epoch == 0:
+            raise SystemExit(f"{len(usable)} usable rows, fewer than --global-batch {args.global_batch}")
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps({**vars(args), "world_size": world}, indent=2))
+            print(json.dumps(vars(args)), flush=True)
+        M.print0(f"{len(usable)} rows, {steps_per_epoch} steps per epoch x {args.epochs} epochs, "
+                 f"{world} ranks x {args.micro_batch} sequences x {accum} accumulation")
+
+        policy = M.load_model(path, dtype=torch.float32, device=device).train()
+        if not args.no_gradient_checkpointing:
+            M.enable_gradient_checkpointing(policy)
+        M.shard_model(policy, param_dtype=getattr(torch, args.dtype))
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=tuple(args.betas),
+                                      weight_decay=args.weight_decay)
+        start = M.load_training_checkpoint(policy, optimizer, out / "checkpoints") if args.resume else 0
+        metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
+        pad = processor.tokenizer.pad_token_id
+        last = min(total, args.max_steps or total)
+
+        for step in range(start, last):
+            t0 = time.perf_counter()
+            epoch, k = divmod(step, steps_per_epoch)
+            order = [usable[i] for i in epoch_order(args.seed, epoch, len(usable))]
+            batch_rows = order[k * args.global_batch:(k + 1) * args.global_batch]
+            # micro-batch j of the step goes to rank j % world, so one rank with accumulation sees the
+            # micro-batches in the same order as the ranks of a larger world together
+            micro = [batch_rows[j * args.micro_batch:(j + 1) * args.micro_batch] for j in range(world * accum)][rank::world]
+            encoded = [[encode(processor, rows[i]) for i in idx] for idx in micro]
+            batches = [M.to_device(M.collate([p for p, _ in e], [t for _, t in e], pad), device) for e in encoded]
+            tokens = torch.tensor(float(sum(b["completion_mask"].sum() for b in batches)), device=device)
+            dist.all_reduce(tokens)  # target tokens of the whole optimizer step on all ranks
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, args)
+            loss_sum = 0.0
+            for b in batches:
+                logp = M.token_logprobs(policy, b)                                     # (B, T)
+                nll = -(logp * b["completion_mask"]).sum()                            # summed over target tokens
+                (nll * world / tokens).backward()  # FSDP averages over ranks: x world gives the global mean
+                loss_sum += nll.item()
+            norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            if math.isfinite(norm):
+                optimizer.step()
+            else:
+                M.print0(f"step {step + 1}: non-finite gradient norm, update skipped")
+            optimizer.zero_grad(set_to_none=True)
+
+            # ---- log ----
+            stats = torch.tensor([loss_sum], dtype=torch.float64, device=device)
+            dist.all_reduce(stats)
+            seconds = time.perf_counter() - t0
+            m = {"step": step + 1, "epoch": epoch + 1, "loss": stats.item() / tokens.item(), "lr": optimizer.param_groups[0]["lr"],
+                 "grad_norm": norm, "tokens_per_s": tokens.item() / seconds, "seconds": seconds,
+                 "peak_mem_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda" else 0) / 2**30,
+                 "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            if rank == 0:
+                print(f"step {m['step']}/{total} epoch {m['epoch']} loss {m['loss']:.4f} lr {m['lr']:.3g} "
+                      f"gnorm {norm:.3f} {m['tokens_per_s']:.0f} tok/s mem {m['peak_mem_gb']:.1f} GB "
+                      f"rss {m['peak_rss_gb']:.1f} GB", flush=True)
+                metrics_file.write(json.dumps(m) + "\n")
+                metrics_file.flush()
+
+            # ---- checkpoint: every --save-every steps, or at each epoch's end, and at the last step ----
+            end_of_epoch = (step + 1) % steps_per_epoch == 0
+            if (args.save_every and (step + 1) % args.save_every == 0) or (not args.save_every and end_of_epoch) \
+                    or step + 1 == last:
+                M.save_training_checkpoint(policy, optimizer, processor, out / "checkpoints" / f"step_{step + 1:06d}",
+                                           {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "config": vars(args)},
+                                           dtype=getattr(torch, args.dtype), keep_last=args.keep_last)
+    finally:
+        del policy, optimizer
+        M.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

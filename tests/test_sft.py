@@ -1,0 +1,140 @@
+"""sft.py: the loss mask, 1 vs 2 ranks, gradient accumulation, overfitting, kill and resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import model
+import sft
+from conftest import ROOT, make_toy_rows
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def trace_rows(k: int = 8) -> list[dict]:
+    rows = make_toy_rows(k)
+    for row in rows:
+        row["reasoning"] = f"The lesion in study {row['dataset_index']} sits on the {row['answer'].lower()} side."
+    return rows
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory) -> str:
+    from datasets import Dataset
+
+    path = tmp_path_factory.mktemp("sft") / "traces"
+    Dataset.from_list(trace_rows()).save_to_disk(str(path))
+    return str(path)
+
+
+def sft_cli(args: list[str], ranks: int = 1) -> subprocess.CompletedProcess:
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+              if ranks > 1 else [sys.executable])
+    return subprocess.run(launch + [str(ROOT / "sft.py")] + args, capture_output=True, text=True, env=ENV, timeout=900)
+
+
+def final_weights(out) -> dict:
+    last = sorted((out / "checkpoints").glob("step_*"))[-1]
+    return load_file(str(last / "model.safetensors"))
+
+
+def losses(out) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_mask_is_exactly_the_assistant_turn(processor):
+    tok = processor.tokenizer
+    text_row = trace_rows()[1]
+    assert not text_row["images"]
+    full = processor.apply_chat_template(model.build_messages(text_row) + [
+        {"role": "assistant", "content": [{"type": "text", "text": model.sft_target(text_row)}]}], tokenize=False)
+    assert full.endswith("<|im_end|>\n")
+    full = full[:-1]  # the template's newline after the last <|im_end|> is not trained on
+    enc = tok(full, return_offsets_mapping=True)
+    start = full.rindex(sft.ASSISTANT_HEADER) + len(sft.ASSISTANT_HEADER)
+    expected = [s >= start for s, _ in enc["offset_mapping"]]
+    prompt, target = sft.encode(processor, text_row)
+    batch = model.collate([prompt], [target], tok.pad_token_id)
+    assert batch["input_ids"][0].tolist() == enc["input_ids"]  # same tokens as the rendered chat
+    assert batch["completion_mask"][0].tolist() == expected
+    assert tok.decode(batch["input_ids"][0][batch["completion_mask"][0]]) == model.sft_target(text_row) + "<|im_end|>"
+
+
+def test_pre_rendered_text_rows_encode_like_reasoning_rows(processor):
+    for row in trace_rows()[:2]:  # an image row and a text row
+        full = processor.apply_chat_template(model.build_messages(row) + [
+            {"role": "assistant", "content": [{"type": "text", "text": model.sft_target(row)}]}], tokenize=False)
+        rendered = {**row, "reasoning": None, "text": full}
+        (p1, t1), (p2, t2) = sft.encode(processor, row), sft.encode(processor, rendered)
+        assert t1 == t2 and p1["input_ids"].tolist() == p2["input_ids"].tolist()
+        assert (p1["pixel_values"] is None) == (p2["pixel_values"] is None)
+
+
+COMMON = ["--dtype", "float32", "--lr", "1e-3", "--warmup-ratio", "0.25"]
+
+
+def test_one_rank_and_two_ranks_train_the_same(tiny_path, sft_data, tmp_path):
+    # No clipping here: the gradient norm is summed in another order over shards than in one process
+    # (equal to ~1e-7 relative), and a clip scale that differs in its last bit moves every weight a bit.
+    args = COMMON + ["--model", tiny_path, "--data", sft_data, "--global-batch", "4", "--micro-batch", "2",
+                     "--epochs", "2", "--max-steps", "3", "--save-every", "100", "--grad-clip", "1e9"]
+    one = sft_cli(args + ["--out", str(tmp_path / "one")])
+    two = sft_cli(args + ["--out", str(tmp_path / "two")], ranks=2)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-3000:] + two.stderr[-3000:]
+    assert "2 ranks x 2 sequences x 1 accumulation" in two.stdout and "1 ranks x 2 sequences x 2 accumulation" in one.stdout
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-6)
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_gives_the_same_update(tiny_path, sft_data, tmp_path):
+    args = COMMON + ["--model", tiny_path, "--data", sft_data, "--global-batch", "8", "--epochs", "1", "--max-steps", "1"]
+    whole = sft_cli(args + ["--micro-batch", "8", "--out", str(tmp_path / "whole")])
+    split = sft_cli(args + ["--micro-batch", "2", "--out", str(tmp_path / "split")])
+    assert whole.returncode == 0 and split.returncode == 0, whole.stderr[-3000:] + split.stderr[-3000:]
+    assert losses(tmp_path / "whole") == pytest.approx(losses(tmp_path / "split"), rel=1e-5)
+    a, b, init = final_weights(tmp_path / "whole"), final_weights(tmp_path / "split"), load_file(f"{tiny_path}/model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    assert sum(not torch.equal(a[k], init[k]) for k in a) == len(a)
+
+
+def test_overfits_a_few_traces_and_generates_them(tiny_path, sft_data, processor, tmp_path):
+    out = tmp_path / "overfit"
+    run = sft_cli(["--model", tiny_path, "--data", sft_data, "--global-batch", "8", "--micro-batch", "8",
+                   "--epochs", "50", "--lr", "3e-3", "--warmup-ratio", "0", "--dtype", "float32", "--save-every", "1000",
+                   "--out", str(out)])
+    assert run.returncode == 0, run.stderr[-3000:]
+    curve = losses(out)
+    assert curve[-1] < curve[0] / 20, curve
+    trained = model.load_model(str(sorted((out / "checkpoints").glob("step_*"))[-1]))  # plain transformers
+    row = trace_rows()[2]
+    enc = processor(text=[model.render_prompt(processor, row)], images=model.row_images(row), return_tensors="pt")
+    ids = trained.generate(**enc, do_sample=False, max_new_tokens=40, eos_token_id=151645)[0, enc["input_ids"].shape[1]:]
+    assert processor.tokenizer.decode(ids, skip_special_tokens=True) == model.sft_target(row)
+
+
+def test_kill_and_resume_is_bit_identical(tiny_path, sft_data, tmp_path):
+    args = COMMON + ["--model", tiny_path, "--data", sft_data, "--global-batch", "4", "--micro-batch", "2",
+                     "--epochs", "2", "--save-every", "1"]
+    full = sft_cli(args + ["--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sft.py")] + args + ["--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 600
+    while not (out / "checkpoints" / "step_000002" / "trainer_state.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / "step_000004").exists()
+    resumed = sft_cli(args + ["--out", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = final_weights(tmp_path / "full"), final_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(out)[-1] == losses(tmp_path / "full")[-1]
