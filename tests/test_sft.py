@@ -104,19 +104,30 @@ def test_gradient_accumulation_gives_the_same_update(tiny_path, sft_data, tmp_pa
     assert sum(not torch.equal(a[k], init[k]) for k in a) == len(a)
 
 
-def test_overfits_a_few_traces_and_generates_them(tiny_path, sft_data, processor, tmp_path):
+QUESTIONS = ["Which side is the nodule on?", "Where does the effusion collect?", "Which lobe shows consolidation?",
+             "What does the fracture line cross?"]
+
+
+def test_overfits_a_few_traces_and_generates_them(tiny_path, processor, tmp_path):
+    from datasets import Dataset
+
+    rows = [{**row, "question": q} for row, q in zip(trace_rows(4), QUESTIONS)]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "four"))
     out = tmp_path / "overfit"
-    run = sft_cli(["--model", tiny_path, "--data", sft_data, "--global-batch", "8", "--micro-batch", "8",
-                   "--epochs", "50", "--lr", "3e-3", "--warmup-ratio", "0", "--dtype", "float32", "--save-every", "1000",
+    run = sft_cli(["--model", tiny_path, "--data", str(tmp_path / "four"), "--global-batch", "4", "--micro-batch", "4",
+                   "--epochs", "80", "--lr", "5e-3", "--warmup-ratio", "0", "--dtype", "float32", "--save-every", "1000",
                    "--out", str(out)])
     assert run.returncode == 0, run.stderr[-3000:]
     curve = losses(out)
     assert curve[-1] < curve[0] / 20, curve
     trained = model.load_model(str(sorted((out / "checkpoints").glob("step_*"))[-1]))  # plain transformers
-    row = trace_rows()[2]
-    enc = processor(text=[model.render_prompt(processor, row)], images=model.row_images(row), return_tensors="pt")
-    ids = trained.generate(**enc, do_sample=False, max_new_tokens=40, eos_token_id=151645)[0, enc["input_ids"].shape[1]:]
-    assert processor.tokenizer.decode(ids, skip_special_tokens=True) == model.sft_target(row)
+    exact = []
+    for row in rows:  # two image rows, two text rows
+        enc = processor(text=[model.render_prompt(processor, row)], images=model.row_images(row) or None,
+                        return_tensors="pt")
+        ids = trained.generate(**enc, do_sample=False, max_new_tokens=64, eos_token_id=151645)[0, enc["input_ids"].shape[1]:]
+        exact.append(processor.tokenizer.decode(ids, skip_special_tokens=True) == model.sft_target(row))
+    assert sum(exact) >= 3, exact  # a 2-layer, 128-wide model: most traces come back word for word
 
 
 def test_kill_and_resume_is_bit_identical(tiny_path, sft_data, tmp_path):
