@@ -17,12 +17,10 @@ Several --model values give one table. grpo.py calls `run` and `summarize` for i
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
 
 import model as M
 import reward as R
@@ -47,17 +45,11 @@ PAPER = {
 
 # ---- scoring: one completion -> one record; records -> a summary ----
 
-def row_key(row: dict, position: int) -> str:
-    """The id a result joins on: dataset_name and dataset_index (the row's position if it has none)."""
-    index = row.get("dataset_index")
-    return f"{row.get('dataset_name')}/{position if index is None else index}"
-
-
-def score(row: dict, key: str, completion: str, tokens: int, repeat: int = 0) -> dict:
+def score(row: dict, completion: str, tokens: int) -> dict:
     """One result line: both graders' verdicts on one completion."""
-    return {"key": key, "repeat": repeat, "dataset_name": row.get("dataset_name"), "completion": completion,
-            "answer": R.extract_answer(completion), "lenient": R.is_correct(completion, row),
-            "strict": R.reward(completion, row) == 1.0, "format_ok": R.format_ok(completion), "tokens": tokens}
+    return {"dataset_name": row.get("dataset_name"), "completion": completion, "answer": R.extract_answer(completion),
+            "lenient": R.is_correct(completion, row), "strict": R.reward(completion, row) == 1.0,
+            "format_ok": R.format_ok(completion), "tokens": tokens}
 
 
 def summarize(records: list[dict]) -> dict:
@@ -101,50 +93,15 @@ def table(summaries: dict[str, dict], compare_paper: bool = False) -> str:
 
 # ---- inference: rows -> results.jsonl, resumable ----
 
-def read_results(path: Path) -> list[dict]:
-    """Complete lines only: a line cut by a kill is dropped, and its row runs again."""
-    records = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return records
-
-
 def run(engine, rows, results_path: Path, repeat: int = 0, max_new_tokens: int = 4096, seed: int = 42,
         chunk_rows: int = 256) -> list[dict]:
-    """Greedy completions for the rows of `rows` not yet in `results_path` for this repeat, appended
-    chunk by chunk as they finish (rank 0 writes). Every rank calls this; returns all of the repeat's
-    records (on every rank)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    keys = [row_key(rows[i], i) for i in range(len(rows))]
-    done = [None]
-    if rank == 0:
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        done[0] = {r["key"]: r for r in read_results(results_path) if r["repeat"] == repeat}
-    dist.broadcast_object_list(done)
-    done = done[0]
-    todo = [i for i in range(len(rows)) if keys[i] not in done]
-    if done:
-        M.print0(f"{results_path}: {len(done)} rows already done, {len(todo)} to go")
-    for start in range(0, len(todo), chunk_rows):
-        mine = todo[start:start + chunk_rows][rank::world]
-        outputs = engine.generate([rows[i] for i in mine], n=1, temperature=0.0, max_new_tokens=max_new_tokens,
-                                  seed=[seed] * len(mine))
-        new = [score(rows[i], keys[i], out[0].text, len(out[0].token_ids), repeat) for i, out in zip(mine, outputs)]
-        everyone = [None] * world
-        dist.all_gather_object(everyone, new)
-        new = [r for part in everyone for r in part]
-        if rank == 0:
-            with open(results_path, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in new)
-                f.flush()
-                os.fsync(f.fileno())
-        done.update((r["key"], r) for r in new)
-        M.print0(f"  {len(done)}/{len(rows)} rows")
-    return [done[k] for k in keys]
+    """Greedy completions and verdicts for every row, resumable: rows already in `results_path` for
+    this repeat are not run again, new ones are appended chunk by chunk. Every rank calls this."""
+    def complete(share: list[dict], positions: list[int]) -> list[dict]:
+        outputs = engine.generate(share, n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=[seed] * len(share))
+        return [score(row, out[0].text, len(out[0].token_ids)) for row, out in zip(share, outputs)]
+
+    return M.resumable_map(complete, rows, results_path, chunk_rows, tag={"repeat": repeat}, desc="rows")
 
 
 def load_eval_rows(args) -> list[dict]:

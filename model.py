@@ -492,6 +492,62 @@ def load_training_checkpoint(model, optimizer, checkpoints: Path) -> int:
     print0(f"resumed from {done[-1]} (step {step})")
     return step
 
+
+def row_key(row: dict, position: int) -> str:
+    """The id results join on: dataset_name and dataset_index (the row's position if it has none)."""
+    index = row.get("dataset_index")
+    return f"{row.get('dataset_name')}/{position if index is None else index}"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Complete lines only: a line cut short by a kill is dropped (its row is simply done again)."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return records
+
+
+def resumable_map(fn, rows, path: Path, chunk_rows: int = 256, tag: dict | None = None, desc: str = "rows") -> list[dict]:
+    """One record per row, computed by `fn(rows, positions) -> records` only for rows that `path`
+    (JSON lines) does not hold yet, appended there chunk by chunk as they finish, so a killed run
+    resumes with nothing lost and nothing done twice. Each chunk is split over the ranks (every rank
+    calls this); rank 0 writes. Records carry "key" (row_key) and the `tag` fields, which select
+    what counts as done (e.g. {"repeat": 1}). Returns the records in row order, on every rank."""
+    from tqdm import tqdm
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tag = tag or {}
+    keys = [row_key(rows[i], i) for i in range(len(rows))]
+    done = [None]
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        done[0] = {r["key"]: r for r in read_jsonl(path) if all(r.get(k) == v for k, v in tag.items())}
+    dist.broadcast_object_list(done)
+    done = done[0]
+    todo = [i for i in range(len(rows)) if keys[i] not in done]
+    if done:
+        print0(f"{path}: {len(done)} {desc} already done, {len(todo)} to go")
+    bar = tqdm(total=len(todo), desc=desc, disable=rank != 0 or not todo)
+    for start in range(0, len(todo), chunk_rows):
+        mine = todo[start:start + chunk_rows][rank::world]
+        new = [{"key": keys[i], **tag, **record} for i, record in zip(mine, fn([rows[i] for i in mine], mine))]
+        everyone = [None] * world
+        dist.all_gather_object(everyone, new)
+        new = [r for part in everyone for r in part]
+        if rank == 0:
+            with open(path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in new)
+                f.flush()
+                os.fsync(f.fileno())
+        done.update((r["key"], r) for r in new)
+        bar.update(len(new))
+    bar.close()
+    return [done[k] for k in keys]
+
 def load_rows(spec: str, split: str = "train"):
     """A unified-schema dataset: a hub name, a `save_to_disk` directory, or a parquet/jsonl/json/csv
     file (images as PIL, {"bytes"/"path"} dicts or paths; row_images reads all of them)."""

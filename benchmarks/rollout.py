@@ -8,7 +8,6 @@ load + cache resets), measured after one warm-up sync.
 Run with OMP_NUM_THREADS=1 on CPU (set before torch is imported; 2 threads on 2 cores are far slower).
 """
 import argparse
-import os
 import sys
 import time
 from pathlib import Path

@@ -31,7 +31,7 @@ def test_scoring_scripted_completions():
     records = []
     for i, row in enumerate(rows):
         text = scripted.get(i, "<think>no idea</think><answer>Z</answer>")
-        records.append(evaluate.score(row, evaluate.row_key(row, i), text, tokens=10 + i))
+        records.append(evaluate.score(row, text, tokens=10 + i))
     summary = evaluate.summarize(records)
     labels = {i: row["answer_label"] for i, row in enumerate(rows)}
     assert labels[0] == "A" and labels[7] == "D" and labels[1] == "B" and labels[8] == "D"
