@@ -1,0 +1,380 @@
+"""Data for MedVLThinker: prepare rows, count passes, filter by difficulty, distill traces, toy data.
+
+Every subcommand reads and writes the unified row schema (SPEC.md section 1): images, question,
+options (JSON string), answer_label, answer, reasoning, dataset_name, dataset_index.
+
+    python curate.py prepare --source pmc-raw --csv train.csv --images figures/ --out data/pmc
+    python curate.py prepare --source rows --data rows.jsonl --out data/mine       # any unified rows
+    torchrun --nproc_per_node 8 curate.py passcount --data data/pmc --out data/pmc-pc   # 16 samples per row
+    python curate.py filter --data data/pmc-pc --out data/pmc-medium                # 1 <= passes <= 7
+    python curate.py distill --data data/pmc-medium --api-base https://HOST/v1 --teacher gpt-4o --out data/pmc-sft
+    python curate.py toy --out data/toy                                             # the demo's data
+
+`prepare` never stops on a bad row: it goes to OUT.rejects.jsonl with its source position and the
+reason, and the summary counts rejects per reason. `passcount` and `distill` write results as they
+finish (OUT.results.jsonl) and resume where a killed run stopped.
+"""
+
+import argparse
+import base64
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFilter
+
+import model as M
+import reward as R
+
+MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused (decompression bombs), not decoded
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+# ---- rows: validation, resizing, saving ----
+
+def resize_rule(image: Image.Image) -> Image.Image:
+    """SPEC section 1: a side under 28 px -> shortest side 28; else a side over 1024 -> longest side
+    1024; bilinear, aspect ratio kept (PIL does the resampling)."""
+    w, h = image.size
+    if min(w, h) < 28:
+        scale = 28 / min(w, h)
+    elif max(w, h) > 1024:
+        scale = 1024 / max(w, h)
+    else:
+        return image
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+
+
+def open_image(image) -> Image.Image:
+    """A PIL image, {"bytes"/"path"} dict, bytes or path -> a decoded RGB image (raises on bad data)."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+    image = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
+    image.load()  # decode now: a truncated file fails here, not during training
+    return image.convert("RGB")
+
+
+def validate(row: dict) -> tuple[dict | None, str | None]:
+    """(clean row, None) or (None, reason). Options become a JSON string, images decoded RGB."""
+    try:
+        for field in ("question", "options", "answer_label"):
+            if row.get(field) in (None, ""):
+                return None, f"missing {field}"
+        options = R.options_dict(row)
+        if not options or any(not text for text in options.values()):
+            return None, "empty options"
+        label = str(row["answer_label"]).strip()
+        if label not in options:
+            return None, "answer_label not among options"
+        if row.get("answer") not in (None, "") and str(row["answer"]).strip() != options[label]:
+            return None, "answer != options[answer_label]"
+        images = []
+        for image in row.get("images") or []:
+            try:
+                images.append(resize_rule(open_image(image)))
+            except Image.DecompressionBombError:
+                return None, "image too large (decompression bomb)"
+            except Exception as e:
+                return None, f"image does not decode ({type(e).__name__})"
+        return {"images": images, "question": str(row["question"]).strip(), "options": json.dumps(options),
+                "answer_label": label, "answer": options[label], "reasoning": row.get("reasoning"),
+                "dataset_name": row.get("dataset_name") or "rows", "dataset_index": row.get("dataset_index")}, None
+    except Exception as e:  # options that do not parse, wrong types, ...
+        return None, f"malformed ({type(e).__name__}: {e})"[:120]
+
+
+PMC_STRIP = " \t\r\n\"'\xa0\u200a"
+
+
+def pmc_raw_rows(csv_path: str, image_dir: str):
+    """PMC-VQA's train.csv (Figure_path, Question, Answer, Answer_label, Choice A..D) -> raw rows,
+    with the official cleaning: strip whitespace, quotes, \\xa0, \\u200a; a choice "B:Focal uptake" is
+    split on its first ":", and its letter must be the column's."""
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        for position, rec in enumerate(csv.DictReader(f)):
+            rec = {k.strip(PMC_STRIP): (v or "").strip(PMC_STRIP) for k, v in rec.items() if k}
+            options, reason = {}, None
+            for letter in "ABCD":
+                letter_seen, _, text = rec.get(f"Choice {letter}", "").partition(":")
+                if letter_seen.strip(PMC_STRIP) != letter:
+                    reason = f"choice {letter} has prefix {letter_seen.strip(PMC_STRIP)[:10]!r}"
+                options[letter] = text.strip(PMC_STRIP)
+            row = {"images": [str(Path(image_dir) / rec.get("Figure_path", ""))], "question": rec.get("Question"),
+                   "options": options, "answer_label": rec.get("Answer_label"), "answer": rec.get("Answer"),
+                   "dataset_name": "pmc_vqa", "dataset_index": position}
+            yield position, row, reason
+
+
+def prepare(args) -> None:
+    if args.source == "pmc-raw":
+        source = pmc_raw_rows(args.csv, args.images)
+    else:
+        data = M.load_rows(args.data, args.split)
+        source = ((i, data[i], None) for i in range(len(data)))
+    kept, rejects, seen, duplicates = [], [], {}, 0
+    for position, row, reason in source:
+        clean, reason = (None, reason) if reason else validate(row)
+        if clean is None:
+            rejects.append({"position": position, "reason": reason})
+            continue
+        if clean["dataset_index"] is None:
+            clean["dataset_index"] = position
+        digest = hashlib.sha256((clean["question"] + "\0" + clean["answer"]).encode()).hexdigest()
+        duplicates += digest in seen
+        seen.setdefault(digest, position)
+        kept.append(clean)
+    save_rows(kept, args.out)
+    Path(f"{args.out}.rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
+    print(f"kept {len(kept)} rows -> {args.out}; rejected {len(rejects)} -> {args.out}.rejects.jsonl")
+    for reason, count in Counter(r["reason"] for r in rejects).most_common():
+        print(f"  {count:6d}  {reason}")
+    print(f"duplicate questions (same question and answer): {duplicates}")
+
+
+def save_rows(rows: list[dict], out: str) -> None:
+    """Unified rows (PIL images) -> an HF dataset on disk or a parquet file (save_dataset)."""
+    from datasets import Dataset, Features, Image as ImageFeature, List, Value
+
+    features = Features({"images": List(ImageFeature()), "question": Value("string"), "options": Value("string"),
+                         "answer_label": Value("string"), "answer": Value("string"), "reasoning": Value("string"),
+                         "dataset_name": Value("string"), "dataset_index": Value("int64")})
+    save_dataset(Dataset.from_list([{k: row.get(k) for k in features} for row in rows], features=features), out)
+
+
+def save_dataset(data, out: str) -> None:
+    """A directory (save_to_disk) or, for a name ending in .parquet, a parquet file."""
+    data.to_parquet(out) if out.endswith(".parquet") else data.save_to_disk(out)
+
+
+# ---- pass counts: how often the 3B model answers right in 16 samples ----
+
+def passcount(args) -> None:
+    rank, world, device = M.init_distributed()
+    engine = None
+    try:
+        rows = M.load_rows(args.data, args.split)  # rows are decoded one at a time, when their chunk runs
+        path = M.resolve_model(args.model)
+        engine = M.make_engine(args.rollout, path, M.load_processor(path),
+                               model=M.load_model(path, device=device) if args.rollout == "hf" else None,
+                               **(dict(max_model_len=args.max_model_len, seed=args.seed, dtype=args.vllm_dtype,
+                                       max_images=args.max_images) if args.rollout == "vllm" else {}))
+
+        def count(share: list[dict], positions: list[int]) -> list[dict]:
+            # each row's seed depends on its position only: the same counts on 1 or 8 ranks
+            outputs = engine.generate(share, n=args.samples, temperature=1.0, top_p=1.0,
+                                      max_new_tokens=args.max_new_tokens, seed=[args.seed + p for p in positions])
+            return [{"pass_count": sum(R.is_correct(c.text, row) for c in group)} for row, group in zip(share, outputs)]
+
+        results = M.resumable_map(count, rows, Path(f"{args.out}.results.jsonl"), args.chunk_rows, desc="rows")
+        if rank == 0:
+            counts = [r["pass_count"] for r in results]
+            save_dataset(rows.remove_columns([c for c in ["pass_count"] if c in rows.column_names])
+                         .add_column("pass_count", counts), args.out)
+            histogram = Counter(counts)
+            print(f"pass counts of {len(rows)} rows ({args.samples} samples each) -> {args.out}")
+            for k in range(args.samples + 1):
+                print(f"  {k:3d} {histogram.get(k, 0):7d} " + "#" * round(50 * histogram.get(k, 0) / len(rows)))
+    finally:
+        if engine is not None:
+            engine.close()
+        M.cleanup_distributed()
+
+
+# ---- difficulty filter ----
+
+def filter_rows(args) -> None:
+    rows = M.load_rows(args.data, args.split)
+    kept = rows.filter(lambda n: n is not None and args.min <= n <= args.max, input_columns="pass_count")
+    if args.easy_to_hard:  # the paper's ablation: shuffle (seed 42), then most passes first (stable sort)
+        kept = kept.shuffle(seed=args.seed).flatten_indices()
+        kept = kept.sort("pass_count", reverse=True)  # Arrow's sort is stable: ties keep the shuffle
+    save_dataset(kept, args.out)
+    before, after = Counter(rows["dataset_name"]), Counter(kept["dataset_name"])
+    print(f"kept {len(kept)} of {len(rows)} rows with {args.min} <= pass_count <= {args.max} -> {args.out}")
+    for name in sorted(before):
+        print(f"  {name}: {after.get(name, 0)} of {before[name]}")
+
+
+# ---- reasoning traces from a teacher ----
+
+def think_content(text: str) -> str | None:
+    start, end = text.find("<think>"), text.find("</think>")
+    return text[start + len("<think>"):end].strip() if 0 <= start < end else None
+
+
+def api_complete(args, row: dict) -> list[str]:
+    """`samples` completions from an OpenAI-compatible chat endpoint, images as base64 PNG, with
+    retries and exponential backoff. The key comes from the environment and is never printed."""
+    content = []
+    for image in M.row_images(row):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        content.append({"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                                  + base64.b64encode(buffer.getvalue()).decode()}})
+    content.append({"type": "text", "text": M.prompt_text(row)})
+    body = json.dumps({"model": args.teacher, "messages": [{"role": "user", "content": content}],
+                       "n": args.samples, "temperature": 1.0, "max_tokens": args.max_new_tokens}).encode()
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get(args.api_key_env):
+        headers["Authorization"] = "Bearer " + os.environ[args.api_key_env]
+    for attempt in range(args.retries + 1):
+        try:
+            request = urllib.request.Request(args.api_base.rstrip("/") + "/chat/completions", body, headers)
+            with urllib.request.urlopen(request, timeout=args.timeout) as response:
+                return [choice["message"]["content"] or "" for choice in json.load(response)["choices"]]
+        except (urllib.error.URLError, TimeoutError, KeyError, json.JSONDecodeError) as e:
+            if attempt == args.retries:
+                print(f"row {row.get('dataset_index')}: giving up after {attempt + 1} tries ({type(e).__name__})")
+                return []
+            time.sleep(args.backoff * 2 ** attempt)
+
+
+def distill(args) -> None:
+    rank, world, device = M.init_distributed()
+    engine = None
+    try:
+        rows = M.load_rows(args.data, args.split)
+        if not args.api_base:
+            path = M.resolve_model(args.teacher)
+            engine = M.make_engine(args.rollout, path, M.load_processor(path),
+                                   model=M.load_model(path, device=device) if args.rollout == "hf" else None,
+                                   **(dict(max_model_len=args.max_model_len, seed=args.seed, dtype=args.vllm_dtype,
+                                           max_images=args.max_images) if args.rollout == "vllm" else {}))
+
+        def teach(share: list[dict], positions: list[int]) -> list[dict]:
+            if engine is not None:
+                texts = [[c.text for c in group] for group in engine.generate(
+                    share, n=args.samples, temperature=1.0, max_new_tokens=args.max_new_tokens,
+                    seed=[args.seed + p for p in positions])]
+            else:
+                with ThreadPoolExecutor(args.concurrency) as pool:
+                    texts = list(pool.map(lambda row: api_complete(args, row), share))
+            # the first sample the eval grader accepts gives the trace; rows without one get None
+            return [{"reasoning": next((think_content(t) for t in samples if R.is_correct(t, row) and think_content(t)),
+                                       None), "samples": len(samples)} for row, samples in zip(share, texts)]
+
+        results = M.resumable_map(teach, rows, Path(f"{args.out}.results.jsonl"), args.chunk_rows, desc="rows")
+        if rank == 0:
+            traces = [r["reasoning"] for r in results]
+            kept = rows.remove_columns([c for c in ["reasoning"] if c in rows.column_names]).add_column("reasoning", traces)
+            kept = kept.filter(lambda t: t is not None, input_columns="reasoning")
+            save_dataset(kept, args.out)
+            print(f"{len(kept)} of {len(rows)} rows got a correct trace -> {args.out}; "
+                  f"{len(rows) - len(kept)} left out ({sum(r['samples'] == 0 for r in results)} with no answer at all)")
+    finally:
+        if engine is not None:
+            engine.close()
+        M.cleanup_distributed()
+
+
+# ---- the toy dataset of the demo ----
+
+TOY_OPTIONS = {"A": "Left", "B": "Right", "C": "Both sides", "D": "Neither side"}
+
+
+def toy_scan(rng: random.Random, left: bool, right: bool, size: int = 112) -> Image.Image:
+    """A grey, noisy, scan-like oval field; a bright round lesion in each half that has one."""
+    image = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([6, 10, size - 6, size - 10], fill=rng.randint(70, 100))
+    for _ in range(40):  # texture
+        x, y, r = rng.randint(10, size - 10), rng.randint(14, size - 14), rng.randint(2, 6)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=rng.randint(60, 120))
+    for present, lo, hi in ((left, 16, size // 2 - 14), (right, size // 2 + 14, size - 16)):
+        if present:
+            x, y, r = rng.randint(lo, hi), rng.randint(30, size - 30), rng.randint(7, 11)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=rng.randint(220, 255))
+    return image.filter(ImageFilter.GaussianBlur(1)).convert("RGB")
+
+
+def toy(args) -> None:
+    """Deterministic rows: the answer is in the image only (every question has the same text)."""
+    from datasets import DatasetDict, load_from_disk
+
+    rng = random.Random(args.seed)
+    splits = {}
+    for split, count in (("train", args.train), ("test", args.test)):
+        rows = []
+        for i in range(count):
+            label = "ABCD"[rng.randrange(4)]
+            left, right = label in "AC", label in "BC"
+            side = {"A": "the left half only", "B": "the right half only", "C": "both halves", "D": "neither half"}[label]
+            rows.append({"images": [toy_scan(rng, left, right)], "question": "On which side of this scan is the bright lesion?",
+                         "options": json.dumps(TOY_OPTIONS), "answer_label": label, "answer": TOY_OPTIONS[label],
+                         "reasoning": f"I look for a bright round spot in each half of the scan. There is one in {side}.",
+                         "dataset_name": "toy", "dataset_index": i + (0 if split == "train" else args.train)})
+        save_rows(rows, f"{args.out}/{split}")
+        splits[split] = load_from_disk(f"{args.out}/{split}")
+    DatasetDict(splits).save_to_disk(f"{args.out}/all")
+    print(f"toy data: {args.train} train and {args.test} test rows -> {args.out}/{{train,test,all}}")
+
+
+# ---- command line ----
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(q, out_help: str, data_required: bool = True) -> None:
+        q.add_argument("--data", required=data_required, help="unified rows: hub name, save_to_disk dir, parquet/jsonl/csv")
+        q.add_argument("--split", default="train", help="split of a hub dataset or DatasetDict")
+        q.add_argument("--out", required=True, help=out_help)
+
+    def engine_flags(q, default_model: str) -> None:
+        q.add_argument("--rollout", choices=["vllm", "hf"], default="vllm", help="sampling engine")
+        q.add_argument("--samples", type=int, default=16 if default_model else 3, help="samples per row")
+        q.add_argument("--max-new-tokens", type=int, default=4096, help="tokens per sample")
+        q.add_argument("--max-model-len", type=int, default=8192, help="vLLM context (prompt + sample)")
+        q.add_argument("--vllm-dtype", default="auto", help="vLLM weights dtype")
+        q.add_argument("--seed", type=int, default=42, help="sampling seed (row i uses seed + i)")
+        q.add_argument("--chunk-rows", type=int, default=256, help="rows per engine call (results written per chunk)")
+        q.add_argument("--max-images", type=int, default=8, help="most images in one row (vLLM's per-prompt limit)")
+
+    q = sub.add_parser("prepare", help="raw sources -> validated unified rows")
+    common(q, "output: a directory (HF dataset) or a .parquet file; rejects go to OUT.rejects.jsonl", data_required=False)
+    q.add_argument("--source", choices=["rows", "pmc-raw"], default="rows", help="unified rows (--data), or PMC-VQA's csv")
+    q.add_argument("--csv", help="pmc-raw: the train.csv")
+    q.add_argument("--images", help="pmc-raw: the folder Figure_path is relative to")
+    q = sub.add_parser("passcount", help="sample each row n times, store how many are right")
+    common(q, "output rows with pass_count (results stream to OUT.results.jsonl)")
+    q.add_argument("--model", default="qwen2.5-vl-3b", help="the model whose passes define difficulty")
+    engine_flags(q, "qwen2.5-vl-3b")
+    q = sub.add_parser("filter", help="keep the medium rows")
+    common(q, "output rows")
+    q.add_argument("--min", type=int, default=1, help="lowest pass_count kept")
+    q.add_argument("--max", type=int, default=7, help="highest pass_count kept")
+    q.add_argument("--easy-to-hard", action="store_true", help="order by pass_count, most first (after a seeded shuffle)")
+    q.add_argument("--seed", type=int, default=42, help="shuffle seed for --easy-to-hard")
+    q = sub.add_parser("distill", help="reasoning traces from a teacher's first correct sample")
+    common(q, "output rows with reasoning (results stream to OUT.results.jsonl)")
+    q.add_argument("--teacher", default="gpt-4o", help="model name for the API, or a model the rollout engine loads")
+    q.add_argument("--api-base", default=None, help="OpenAI-compatible base URL (.../v1); without it the engine runs the teacher")
+    q.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    q.add_argument("--concurrency", type=int, default=8, help="parallel API requests")
+    q.add_argument("--retries", type=int, default=4, help="retries per request, with exponential backoff")
+    q.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds")
+    q.add_argument("--timeout", type=float, default=300, help="seconds per request")
+    engine_flags(q, "")
+    q = sub.add_parser("toy", help="write the demo's synthetic dataset")
+    q.add_argument("--out", required=True, help="output directory (train/, test/, all/)")
+    q.add_argument("--train", type=int, default=512, help="training rows")
+    q.add_argument("--test", type=int, default=128, help="test rows")
+    q.add_argument("--seed", type=int, default=0, help="generator seed")
+    args = p.parse_args(argv)
+    {"prepare": prepare, "passcount": passcount, "filter": filter_rows, "distill": distill, "toy": toy}[args.command](args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
