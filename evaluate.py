@@ -97,8 +97,20 @@ def run(engine, rows, results_path: Path, repeat: int = 0, max_new_tokens: int =
         chunk_rows: int = 256) -> list[dict]:
     """Greedy completions and verdicts for every row, resumable: rows already in `results_path` for
     this repeat are not run again, new ones are appended chunk by chunk. Every rank calls this."""
+    def generate(share: list[dict]) -> list:
+        return engine.generate(share, n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=[seed] * len(share))
+
     def complete(share: list[dict], positions: list[int]) -> list[dict]:
-        outputs = engine.generate(share, n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=[seed] * len(share))
+        try:
+            outputs = generate(share)
+        except Exception:  # e.g. a prompt longer than the engine's context: find it, score it as failed
+            outputs = []
+            for row in share:
+                try:
+                    outputs.append(generate([row])[0])
+                except Exception as e:  # vLLM raises its own validation errors
+                    print(f"row {row.get('dataset_index')} of {row.get('dataset_name')} not evaluated: {e}", flush=True)
+                    outputs.append([M.Completion([], "", [], "error")])
         return [score(row, out[0].text, len(out[0].token_ids)) for row, out in zip(share, outputs)]
 
     return M.resumable_map(complete, rows, results_path, chunk_rows, tag={"repeat": repeat}, desc="rows")

@@ -218,12 +218,12 @@ def main(argv: list[str] | None = None) -> None:
 
         # Policy: fp32 master weights, sharded; computes in --dtype. Reference: a frozen copy.
         compute_dtype = getattr(torch, args.dtype)
-        policy = M.load_model(path, dtype=torch.float32, device=device)
+        policy = M.load_model(path, dtype=torch.float32)
         if not args.no_gradient_checkpointing:
             M.enable_gradient_checkpointing(policy)
         M.shard_model(policy, param_dtype=compute_dtype)
         if args.kl_coef > 0:
-            ref = M.shard_model(M.load_model(path, dtype=torch.float32, device=device), param_dtype=compute_dtype,
+            ref = M.shard_model(M.load_model(path, dtype=torch.float32), param_dtype=compute_dtype,
                                 cpu_offload=args.ref_offload)
             ref.requires_grad_(False)
         M.print0("reference model: " + ("frozen copy of the initial policy" if ref is not None else "none (--kl-coef 0)"))
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         if start:
             engine.update_weights(policy)  # the engine loaded the initial weights from disk
         eval_rows = list(M.load_rows(args.eval_data, "test")) if args.eval_data else None
-        metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
+        metrics_file = M.open_metrics(out / "metrics.jsonl", start) if rank == 0 else None
         per_rank = args.prompts_per_step // world
 
         for step in range(start, total_steps):
@@ -297,8 +297,8 @@ def main(argv: list[str] | None = None) -> None:
             # ---- updates: one optimizer step per mini-batch, one PPO epoch ----
             policy.train()
             stats = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "grad_norm": []}
-            n_tokens = max(1, sum(b["completion_mask"].sum().item() for (u, k), (b, _, _) in batch_of.items()
-                                  if updates[u][k] is not None))
+            n_tokens = sum(b["completion_mask"].sum().item() for (u, k), (b, _, _) in batch_of.items()
+                           if updates[u][k] is not None)
             for u, micro in enumerate(updates):
                 tokens = torch.tensor(float(sum(batch_of[u, k][0]["completion_mask"].sum() for k, idx in enumerate(micro)
                                                 if idx is not None)), device=device)
@@ -315,9 +315,9 @@ def main(argv: list[str] | None = None) -> None:
                     kl = kl_k3(logp, ref_lp) if ref is not None else torch.zeros_like(pg)
                     loss_tok = pg + args.kl_coef * kl                                   # (B, T)
                     aggregate(loss_tok, mask, args.loss_agg, len(micro), int(tokens), world).backward()
-                    stats["loss"] += (loss_tok.detach() * mask).sum().item() / n_tokens
-                    stats["kl"] += (kl.detach() * mask).sum().item() / n_tokens
-                    stats["clip"] += (clipped & mask).sum().item() / n_tokens
+                    stats["loss"] += (loss_tok.detach() * mask).sum().item()
+                    stats["kl"] += (kl.detach() * mask).sum().item()
+                    stats["clip"] += (clipped & mask).sum().item()
                 norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
                 norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 if math.isfinite(norm):
@@ -336,14 +336,16 @@ def main(argv: list[str] | None = None) -> None:
             lengths = torch.tensor([float(len(c.token_ids)) for _, c in samples])
             local = torch.tensor([rewards.sum(), correct.sum(), formatted.sum(), lengths.sum(), len(samples),
                                   zero_var.sum(), len(zero_var), gaps.sum().item(), gaps.numel(), stats["loss"],
-                                  stats["kl"], stats["clip"]], dtype=torch.float64)
+                                  stats["kl"], stats["clip"], n_tokens], dtype=torch.float64)
             peak = torch.tensor([lengths.max(), gaps.max().item()], dtype=torch.float64)
             dist.all_reduce(local)
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-            (r_sum, acc, fmt, len_sum, count, zv, groups, gap_sum, gap_n, loss_sum, kl_sum, clip_sum) = local.tolist()
+            (r_sum, acc, fmt, len_sum, count, zv, groups, gap_sum, gap_n, loss_sum, kl_sum, clip_sum,
+             trained_tokens) = local.tolist()
+            trained_tokens = max(trained_tokens, 1)  # loss, KL and clip fraction: means over all trained tokens
             m = {"step": step + 1, "reward": r_sum / count, "accuracy": acc / count, "format": fmt / count,
                  "response_len": len_sum / count, "response_len_max": peak[0].item(), "zero_var_groups": zv / groups,
-                 "loss": loss_sum / world, "kl": kl_sum / world, "clip_frac": clip_sum / world,
+                 "loss": loss_sum / trained_tokens, "kl": kl_sum / trained_tokens, "clip_frac": clip_sum / trained_tokens,
                  "grad_norm": max(stats["grad_norm"]), "lr": args.lr, "canary_mean": gap_sum / gap_n,
                  "canary_max": peak[1].item(), "rollout_tokens_per_s": len_sum / world / (t["rollout"] - t["start"]),
                  **{f"s_{k}": round(t[k] - prev, 3) for prev, k in zip(list(t.values()), list(t)[1:])},

@@ -355,7 +355,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=60))
+        # NCCL for GPU tensors, gloo for the small CPU tensors and objects the stages exchange
+        backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=60))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -438,7 +440,10 @@ def save_checkpoint(model, processor, out_dir: str | Path, meta: dict, dtype: to
         import torch.distributed.checkpoint as dcp
 
         dcp.save(resume_state, checkpoint_id=str(tmp / "resume"))
-    state = {name: t.cpu() for name, t in full_state_items(model, dtype)}
+    state = {}
+    for name, tensor in full_state_items(model, dtype):  # every rank gathers (collectives), rank 0 keeps
+        if rank == 0:
+            state[name] = tensor.cpu()
     if rank == 0:
         model.save_pretrained(tmp, state_dict=state)
         config = model.config.__class__.from_dict(model.config.to_dict())
@@ -547,6 +552,14 @@ def resumable_map(fn, rows, path: Path, chunk_rows: int = 256, tag: dict | None 
         bar.update(len(new))
     bar.close()
     return [done[k] for k in keys]
+
+
+def open_metrics(path: Path, start_step: int):
+    """metrics.jsonl for appending (rank 0). Lines of steps after `start_step` are dropped first: a
+    resumed run logs them again, and a fresh run (start 0) starts an empty file."""
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return open(path, "a")
 
 def load_rows(spec: str, split: str = "train"):
     """A unified-schema dataset: a hub name, a `save_to_disk` directory, or a parquet/jsonl/json/csv

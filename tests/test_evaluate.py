@@ -105,3 +105,14 @@ def test_grpo_checkpoint_and_another_model_in_one_table(sft_tiny, tiny_path, toy
     table = (tmp_path / "eval" / "table.md").read_text()
     assert f"| {checkpoint} | lenient |" in table and f"| {tiny_path} | strict |" in table
     assert "| model | grader | pmc_vqa | slake_closed | Avg. |" in table
+
+
+def test_rows_longer_than_the_context_are_scored_as_failures(tiny_path, eval_data, tmp_path):
+    run = evaluate_cli(["--model", tiny_path, "--data", eval_data, "--benchmarks", "MMMU-medical", "--max-new-tokens", "4",
+                        "--max-model-len", "110", "--vllm-dtype", "float32", "--out", str(tmp_path)])
+    assert run.returncode == 0, run.stderr[-5000:]
+    name = tiny_path.strip("/").replace("/", "__")
+    records = {r["key"]: r for r in map(json.loads, (tmp_path / name / "results.jsonl").read_text().splitlines())}
+    assert len(records) == 4 and "not evaluated" in run.stdout
+    assert records["MMMU-medical/2"]["tokens"] > 0           # the text row fits
+    assert records["MMMU-medical/1"]["tokens"] == 0 and not records["MMMU-medical/1"]["lenient"]  # two images do not
