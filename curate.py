@@ -34,6 +34,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFilter
 
 import model as M
+import rollout
 import reward as R
 
 MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused (decompression bombs), not decoded
@@ -166,7 +167,7 @@ def passcount(args) -> None:
     try:
         rows = M.load_rows(args.data, args.split)  # rows are decoded one at a time, when their chunk runs
         path = M.resolve_model(args.model)
-        engine = M.make_engine(args.rollout, path, M.load_processor(path),
+        engine = rollout.make_engine(args.rollout, path, M.load_processor(path),
                                model=M.load_model(path, device=device) if args.rollout == "hf" else None,
                                **(dict(max_model_len=args.max_model_len, seed=args.seed, dtype=args.vllm_dtype,
                                        max_images=args.max_images) if args.rollout == "vllm" else {}))
@@ -248,7 +249,7 @@ def distill(args) -> None:
         rows = M.load_rows(args.data, args.split)
         if not args.api_base:
             path = M.resolve_model(args.teacher)
-            engine = M.make_engine(args.rollout, path, M.load_processor(path),
+            engine = rollout.make_engine(args.rollout, path, M.load_processor(path),
                                    model=M.load_model(path, device=device) if args.rollout == "hf" else None,
                                    **(dict(max_model_len=args.max_model_len, seed=args.seed, dtype=args.vllm_dtype,
                                            max_images=args.max_images) if args.rollout == "vllm" else {}))

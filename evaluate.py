@@ -23,6 +23,7 @@ from pathlib import Path
 
 
 import model as M
+import rollout
 import reward as R
 
 BENCHMARKS = ["pmc_vqa", "MMMU-medical", "MedXpertQA-MM", "pathvqa_closed", "slake_closed", "vqa_rad_closed"]
@@ -110,7 +111,7 @@ def run(engine, rows, results_path: Path, repeat: int = 0, max_new_tokens: int =
                     outputs.append(generate([row])[0])
                 except Exception as e:  # vLLM raises its own validation errors
                     print(f"row {row.get('dataset_index')} of {row.get('dataset_name')} not evaluated: {e}", flush=True)
-                    outputs.append([M.Completion([], "", [], "error")])
+                    outputs.append([rollout.Completion([], "", [], "error")])
         return [score(row, out[0].text, len(out[0].token_ids)) for row, out in zip(share, outputs)]
 
     return M.resumable_map(complete, rows, results_path, chunk_rows, tag={"repeat": repeat}, desc="rows")
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
             path = M.resolve_model(name)
             processor = M.load_processor(path)
             policy = M.load_model(path, device=device) if args.rollout == "hf" else None
-            engine = M.make_engine(args.rollout, path, processor, model=policy, **(dict(
+            engine = rollout.make_engine(args.rollout, path, processor, model=policy, **(dict(
                 max_model_len=args.max_model_len, max_images=max_images, tensor_parallel_size=args.tensor_parallel,
                 gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, dtype=args.vllm_dtype)
                 if args.rollout == "vllm" else {}))

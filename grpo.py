@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 import evaluate
 import model as M
+import rollout
 import reward as R
 
 
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=tuple(args.betas),
                                       weight_decay=args.weight_decay)
         start = M.load_training_checkpoint(policy, optimizer, out / "checkpoints") if args.resume else 0
-        engine = M.make_engine(args.rollout, path, processor, model=policy,
+        engine = rollout.make_engine(args.rollout, path, processor, model=policy,
                                **(dict(max_model_len=args.max_prompt_tokens + args.max_response_tokens,
                                        tensor_parallel_size=args.tensor_parallel, dtype=args.vllm_dtype,
                                        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)

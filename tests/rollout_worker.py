@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model  # noqa: E402
+import rollout  # noqa: E402
 from conftest import make_rows  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def main() -> None:
         processor = model.load_processor(tiny)
         policy = model.load_model(tiny)
         model.shard_model(policy)
-        engine = model.VLLMEngine(tiny, processor, max_model_len=2048, max_images=2, dtype="float32")
+        engine = rollout.VLLMEngine(tiny, processor, max_model_len=2048, max_images=2, dtype="float32")
         # rank 0: the one- and two-image rows; rank 1: the text row alone, so its training batches
         # have no image while rank 0's do (the vision tower must still run in step on both ranks)
         rows = make_rows()[:2] if rank == 0 else make_rows()[2:]
@@ -49,7 +50,7 @@ def main() -> None:
 
         engine.update_weights(policy)
         after = engine.generate(rows, **greedy)
-        hf = model.HFEngine(policy, processor).generate(rows, **greedy)
+        hf = rollout.HFEngine(policy, processor).generate(rows, **greedy)
         result = {
             "rank": rank, "rows": len(rows),
             "gaps_before": gaps_before, "gaps_after": gaps(policy, processor, rows, after),

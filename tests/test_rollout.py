@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import model
+import rollout
 from conftest import make_image, make_rows
 
-FORBIDDEN = set(range(151643, 151936)) - set(model.ALLOWED_TOKEN_IDS)
+FORBIDDEN = set(range(151643, 151936)) - set(rollout.ALLOWED_TOKEN_IDS)
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +18,13 @@ def policy(tiny_path):
 @pytest.fixture(scope="module")
 def engine(tiny_path, processor):
     model.init_distributed()  # a one-rank group: vLLM's external launcher joins it
-    return model.VLLMEngine(tiny_path, processor, max_model_len=2048, max_images=2, seed=0, dtype="float32")
+    return rollout.VLLMEngine(tiny_path, processor, max_model_len=2048, max_images=2, seed=0, dtype="float32")
 
 
 def hf_greedy(m, processor, row, max_new_tokens):
     enc = processor(text=[model.render_prompt(processor, row)], images=model.row_images(row) or None,
                     return_tensors="pt")
-    suppress = sorted(set(range(151936)) - set(model.ALLOWED_TOKEN_IDS))
+    suppress = sorted(set(range(151936)) - set(rollout.ALLOWED_TOKEN_IDS))
     out = m.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, suppress_tokens=suppress,
                      eos_token_id=[151645, 151643], pad_token_id=151643)
     return out[0, enc["input_ids"].shape[1]:].tolist()
@@ -116,7 +117,7 @@ def test_seeded_sampling_is_reproducible(engine, rows):
 
 
 def test_hf_fallback_same_structure_and_greedy_tokens(engine, policy, processor, rows):
-    hf_engine = model.make_engine("hf", "unused", processor, model=policy)
+    hf_engine = rollout.make_engine("hf", "unused", processor, model=policy)
     vl = engine.generate(rows, n=1, temperature=0.0, max_new_tokens=16)
     hf = hf_engine.generate(rows, n=1, temperature=0.0, max_new_tokens=16)
     assert [[c.token_ids for c in r] for r in hf] == [[c.token_ids for c in r] for r in vl]
@@ -125,5 +126,5 @@ def test_hf_fallback_same_structure_and_greedy_tokens(engine, policy, processor,
         assert (a[0].text, a[0].finish_reason) == (b[0].text, b[0].finish_reason)
     sampled = hf_engine.generate(rows, n=3, temperature=1.0, max_new_tokens=12, seed=0)
     assert [len(r) for r in sampled] == [3, 3, 3]
-    assert all(isinstance(c, model.Completion) and len(c.token_ids) == len(c.logprobs) for r in sampled for c in r)
+    assert all(isinstance(c, rollout.Completion) and len(c.token_ids) == len(c.logprobs) for r in sampled for c in r)
     assert not FORBIDDEN & {t for r in sampled for c in r for t in c.token_ids}

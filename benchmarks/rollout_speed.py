@@ -1,7 +1,7 @@
 """Rollout throughput (vLLM vs the hf fallback) and weight-sync time, same model and prompts.
 
-    python benchmarks/rollout.py                       # tiny model, CPU
-    python benchmarks/rollout.py --model qwen2.5-vl-3b --prompts 64 --n 8 --max-new-tokens 512
+    python benchmarks/rollout_speed.py                       # tiny model, CPU
+    python benchmarks/rollout_speed.py --model qwen2.5-vl-3b --prompts 64 --n 8 --max-new-tokens 512
 
 Prints one table. Tokens/s counts generated tokens only; sync is engine.update_weights (gather +
 load + cache resets), measured after one warm-up sync.
@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model  # noqa: E402
+import rollout  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="tiny", help="alias, hub id or local path")
@@ -56,8 +57,8 @@ def best_tokens_per_s(engine, batch: list[dict]) -> tuple[float, int]:
 
 
 batch = rows(args.prompts)
-vllm_engine = model.VLLMEngine(path, processor, max_model_len=4096, max_images=1, dtype=args.dtype)
-hf_engine = model.HFEngine(policy, processor)
+vllm_engine = rollout.VLLMEngine(path, processor, max_model_len=4096, max_images=1, dtype=args.dtype)
+hf_engine = rollout.HFEngine(policy, processor)
 vllm_tps, vllm_tokens = best_tokens_per_s(vllm_engine, batch)
 hf_tps, hf_tokens = best_tokens_per_s(hf_engine, batch)
 
