@@ -11,6 +11,31 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def run_script(script: str, args: list[str], ranks: int = 1, env: dict | None = None):
+    """`python SCRIPT ARGS`, or under `torchrun --nproc_per_node RANKS`; output captured."""
+    import subprocess
+
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+              if ranks > 1 else [sys.executable])
+    return subprocess.run(launch + [str(ROOT / script)] + args, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def kill_when(script: str, args: list[str], ready, timeout: float = 600) -> None:
+    """Run `python SCRIPT ARGS`, and SIGKILL it as soon as `ready()` is true (or at the timeout)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / script)] + args, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + timeout
+    while not ready() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def make_image(seed: int, size: tuple[int, int] = (112, 112)):
     """A deterministic noise image (different seeds give different images)."""
     import numpy as np

@@ -2,12 +2,7 @@
 independent), the difficulty filter, distillation against a local OpenAI-compatible server, toy data."""
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -15,16 +10,12 @@ from datasets import Dataset, load_from_disk
 from PIL import Image
 
 import curate
-from conftest import ROOT, make_toy_rows
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+from conftest import kill_when, run_script, make_toy_rows
 
 
-def cli(args: list[str], ranks: int = 1, **kw) -> subprocess.CompletedProcess:
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
-              if ranks > 1 else [sys.executable])
-    return subprocess.run(launch + [str(ROOT / "curate.py")] + args, capture_output=True, text=True, timeout=900,
-                          **{"env": ENV, **kw})
+
+def cli(args: list[str], ranks: int = 1, **kw):
+    return run_script("curate.py", args, ranks, **kw)
 
 
 @pytest.mark.parametrize("size,expected", [((10, 300), (28, 840)), ((20, 20), (28, 28)), ((2048, 1024), (1024, 512)),
@@ -129,14 +120,9 @@ def test_passcount_resumes_and_is_rank_independent(sft_tiny, toy_data, tmp_path)
     assert load_from_disk(str(tmp_path / "two"))["pass_count"] == counts
     # killed after its first chunk, then run again: nothing lost, nothing twice, same counts
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "curate.py")] + args + ["--out", str(out), "--chunk-rows", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     results = tmp_path / "killed.results.jsonl"
-    deadline = time.time() + 300
-    while (not results.exists() or len(results.read_text().splitlines()) < 2) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when("curate.py", args + ["--out", str(out), "--chunk-rows", "2"],
+              lambda: results.exists() and len(results.read_text().splitlines()) >= 2, timeout=300)
     assert 2 <= len(results.read_text().splitlines()) < 8
     again = cli(args + ["--out", str(out), "--chunk-rows", "2"])
     assert again.returncode == 0 and "already done" in again.stdout, again.stderr[-3000:]
@@ -185,7 +171,7 @@ def test_distill_against_a_local_server(tmp_path):
     try:
         run = cli(["distill", "--data", str(tmp_path / "rows"), "--out", str(tmp_path / "traces"), "--teacher", "scripted",
                    "--api-base", f"http://127.0.0.1:{server.server_port}/v1", "--backoff", "0.05", "--concurrency", "2"],
-                  env={**ENV, "OPENAI_API_KEY": "sk-test-secret"})
+                  env={"OPENAI_API_KEY": "sk-test-secret"})
     finally:
         server.shutdown()
     assert run.returncode == 0, run.stderr[-3000:]

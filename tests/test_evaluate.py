@@ -1,23 +1,16 @@
 """evaluate.py: scoring on scripted completions, the tiny model end to end, resuming after a kill,
 and a checkpoint written by grpo.py (with in-training eval) next to another model in one table."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 import evaluate
-from conftest import ROOT, make_eval_rows
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+from conftest import kill_when, make_eval_rows, run_script
 
 
-def evaluate_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "evaluate.py")] + args, capture_output=True, text=True,
-                          env=ENV, timeout=900)
+
+def evaluate_cli(args: list[str], ranks: int = 1, **kw):
+    return run_script("evaluate.py", args, ranks, **kw)
 
 
 def test_scoring_scripted_completions():
@@ -71,13 +64,8 @@ def test_kill_and_rerun_no_row_twice_none_missing(tiny_path, eval_data, tmp_path
     assert reference.returncode == 0, reference.stderr[-3000:]
     name = tiny_path.strip("/").replace("/", "__")
     results = tmp_path / "killed" / name / "results.jsonl"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py")] + args + ["--out", str(tmp_path / "killed")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + 300
-    while (not results.exists() or len(results.read_text().splitlines()) < 4) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when("evaluate.py", args + ["--out", str(tmp_path / "killed")],
+              lambda: results.exists() and len(results.read_text().splitlines()) >= 4, timeout=300)
     partial = len(results.read_text().splitlines())
     assert 4 <= partial < 14, partial
     rerun = evaluate_cli(args + ["--out", str(tmp_path / "killed")])
@@ -90,11 +78,10 @@ def test_kill_and_rerun_no_row_twice_none_missing(tiny_path, eval_data, tmp_path
 
 
 def test_grpo_checkpoint_and_another_model_in_one_table(sft_tiny, tiny_path, toy_data, eval_data, tmp_path):
-    train = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--model", sft_tiny, "--data", toy_data,
-                            "--out", str(tmp_path / "grpo"), "--max-steps", "1", "--rollout", "hf", "--kl-coef", "0",
-                            "--prompts-per-step", "2", "--group-size", "2", "--mini-batch", "2",
-                            "--max-response-tokens", "8", "--eval-data", eval_data, "--eval-every", "1"],
-                           capture_output=True, text=True, env=ENV, timeout=900)
+    train = run_script("grpo.py", ["--model", sft_tiny, "--data", toy_data, "--out", str(tmp_path / "grpo"),
+                                   "--max-steps", "1", "--rollout", "hf", "--kl-coef", "0", "--prompts-per-step", "2",
+                                   "--group-size", "2", "--mini-batch", "2", "--max-response-tokens", "8",
+                                   "--eval-data", eval_data, "--eval-every", "1"])
     assert train.returncode == 0, train.stderr[-3000:]
     in_training = json.loads((tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()[-1])["eval"]
     assert in_training["Avg."]["rows"] == 14 and set(evaluate.BENCHMARKS) < set(in_training)

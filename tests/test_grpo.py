@@ -1,27 +1,18 @@
 """grpo.py end to end on CPU: two ranks with vLLM rollouts, kill -9 and resume, prompt-length policy."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import torch
 from safetensors.torch import load_file
 
 import model
-from conftest import ROOT
+from conftest import kill_when, run_script
 
 SMALL = ["--prompts-per-step", "4", "--group-size", "4", "--mini-batch", "2", "--micro-batch", "4",
          "--max-response-tokens", "20", "--lr", "1e-3", "--dump-every", "1", "--vllm-dtype", "float32"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def grpo(args: list[str], ranks: int = 1, **kw) -> subprocess.CompletedProcess:
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
-              if ranks > 1 else [sys.executable])
-    return subprocess.run(launch + [str(ROOT / "grpo.py")] + args, capture_output=True, text=True, env=ENV,
-                          timeout=900, **kw)
+def grpo(args: list[str], ranks: int = 1, **kw):
+    return run_script("grpo.py", args, ranks, **kw)
 
 
 def weights(path) -> dict:
@@ -59,13 +50,7 @@ def test_kill_and_resume_is_bit_identical(sft_tiny, toy_data, tmp_path):
     assert "reference model: none" in full.stdout
     # the same run, killed with SIGKILL as soon as its first checkpoint is complete
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "grpo.py")] + common + ["--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + 600
-    while not (out / "checkpoints" / "step_000001" / "trainer_state.json").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when("grpo.py", common + ["--out", str(out)], (out / "checkpoints" / "step_000001" / "trainer_state.json").exists)
     assert not (out / "checkpoints" / "step_000003").exists()
     resumed = grpo(common + ["--out", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-5000:]

@@ -1,10 +1,5 @@
 """sft.py: the loss mask, 1 vs 2 ranks, gradient accumulation, overfitting, kill and resume."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -12,9 +7,8 @@ from safetensors.torch import load_file
 
 import model
 import sft
-from conftest import ROOT, make_toy_rows
+from conftest import kill_when, run_script, make_toy_rows
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def trace_rows(k: int = 8) -> list[dict]:
@@ -33,10 +27,8 @@ def sft_data(tmp_path_factory) -> str:
     return str(path)
 
 
-def sft_cli(args: list[str], ranks: int = 1) -> subprocess.CompletedProcess:
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
-              if ranks > 1 else [sys.executable])
-    return subprocess.run(launch + [str(ROOT / "sft.py")] + args, capture_output=True, text=True, env=ENV, timeout=900)
+def sft_cli(args: list[str], ranks: int = 1, **kw):
+    return run_script("sft.py", args, ranks, **kw)
 
 
 def final_weights(out) -> dict:
@@ -136,13 +128,7 @@ def test_kill_and_resume_is_bit_identical(tiny_path, sft_data, tmp_path):
     full = sft_cli(args + ["--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sft.py")] + args + ["--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + 600
-    while not (out / "checkpoints" / "step_000002" / "trainer_state.json").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when("sft.py", args + ["--out", str(out)], (out / "checkpoints" / "step_000002" / "trainer_state.json").exists)
     assert not (out / "checkpoints" / "step_000004").exists()
     resumed = sft_cli(args + ["--out", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
