@@ -9,6 +9,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The environment for the scripts the tests start, taken before any test runs: model.init_distributed
+# later sets RANK, MASTER_PORT, ... in this process (a one-rank group), which a child must not inherit.
+SCRIPT_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run_script(script: str, args: list[str], ranks: int = 1, env: dict | None = None):
@@ -18,7 +21,7 @@ def run_script(script: str, args: list[str], ranks: int = 1, env: dict | None = 
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
               if ranks > 1 else [sys.executable])
     return subprocess.run(launch + [str(ROOT / script)] + args, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                          env={**SCRIPT_ENV, **(env or {})})
 
 
 def kill_when(script: str, args: list[str], ready, timeout: float = 600) -> None:
@@ -28,7 +31,7 @@ def kill_when(script: str, args: list[str], ready, timeout: float = 600) -> None
     import time
 
     proc = subprocess.Popen([sys.executable, str(ROOT / script)] + args, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.DEVNULL, env=SCRIPT_ENV)
     deadline = time.time() + timeout
     while not ready() and time.time() < deadline:
         time.sleep(0.05)

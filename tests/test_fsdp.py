@@ -1,16 +1,11 @@
 """FSDP2 under real torchrun (2 gloo ranks on CPU): training is bit-identical to one process."""
 import json
-import os
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import run_script
 
 
 def test_fsdp2_two_ranks_bit_identical_to_one_process(tiny_path, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "fsdp_worker.py"), tiny_path, str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_script("tests/fsdp_worker.py", [tiny_path, str(tmp_path)], ranks=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads((tmp_path / "result.json").read_text())
     print(result)

@@ -1,6 +1,5 @@
 """The tiny real-architecture Qwen2.5-VL: forward, generate, batches, chunked log-probs, save/load."""
 import json
-import os
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import model
-from conftest import ROOT
+from conftest import ROOT, SCRIPT_ENV
 
 
 def completions_for(rows, seed=0, lengths=(9, 4, 13)):
@@ -110,7 +109,7 @@ def test_chunked_logprobs_use_less_memory(tiny_path):
     peaks = {}
     for way in ("naive", "chunked"):
         out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(ROOT / "tests"), tiny_path, way],
-                             capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             capture_output=True, text=True, check=True, env=SCRIPT_ENV)
         peaks[way] = json.loads(out.stdout.strip().splitlines()[-1])
     print("log-prob peak RSS (forward+backward, 2 x 768 completion tokens):", peaks)
     # naive holds (B, T, V) fp32 logits, their log_softmax and its grad (0.93 GB each); chunked one
