@@ -168,9 +168,9 @@ def passcount(args) -> None:
         rows = M.load_rows(args.data, args.split)  # rows are decoded one at a time, when their chunk runs
         path = M.resolve_model(args.model)
         engine = rollout.make_engine(args.rollout, path, M.load_processor(path),
-                               model=M.load_model(path, device=device) if args.rollout == "hf" else None,
-                               **(dict(max_model_len=args.max_model_len, seed=args.seed, dtype=args.vllm_dtype,
-                                       max_images=args.max_images) if args.rollout == "vllm" else {}))
+                                     model=M.load_model(path, device=device) if args.rollout == "hf" else None,
+                                     **(dict(max_model_len=args.max_model_len, seed=args.seed, dtype=args.vllm_dtype,
+                                             max_images=args.max_images) if args.rollout == "vllm" else {}))
 
         def count(share: list[dict], positions: list[int]) -> list[dict]:
             # each row's seed depends on its position only: the same counts on 1 or 8 ranks
@@ -250,9 +250,10 @@ def distill(args) -> None:
         if not args.api_base:
             path = M.resolve_model(args.teacher)
             engine = rollout.make_engine(args.rollout, path, M.load_processor(path),
-                                   model=M.load_model(path, device=device) if args.rollout == "hf" else None,
-                                   **(dict(max_model_len=args.max_model_len, seed=args.seed, dtype=args.vllm_dtype,
-                                           max_images=args.max_images) if args.rollout == "vllm" else {}))
+                                         model=M.load_model(path, device=device) if args.rollout == "hf" else None,
+                                         **(dict(max_model_len=args.max_model_len, seed=args.seed,
+                                                 dtype=args.vllm_dtype, max_images=args.max_images)
+                                            if args.rollout == "vllm" else {}))
 
         def teach(share: list[dict], positions: list[int]) -> list[dict]:
             if engine is not None:

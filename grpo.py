@@ -232,10 +232,10 @@ def main(argv: list[str] | None = None) -> None:
                                       weight_decay=args.weight_decay)
         start = M.load_training_checkpoint(policy, optimizer, out / "checkpoints") if args.resume else 0
         engine = rollout.make_engine(args.rollout, path, processor, model=policy,
-                               **(dict(max_model_len=args.max_prompt_tokens + args.max_response_tokens,
-                                       tensor_parallel_size=args.tensor_parallel, dtype=args.vllm_dtype,
-                                       gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
-                                  if args.rollout == "vllm" else {}))
+                                     **(dict(max_model_len=args.max_prompt_tokens + args.max_response_tokens,
+                                             tensor_parallel_size=args.tensor_parallel, dtype=args.vllm_dtype,
+                                             gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
+                                        if args.rollout == "vllm" else {}))
         if start:
             engine.update_weights(policy)  # the engine loaded the initial weights from disk
         eval_rows = list(M.load_rows(args.eval_data, "test")) if args.eval_data else None
