@@ -27,7 +27,6 @@ complete checkpoint in --out with --resume.
 
 import argparse
 import json
-import math
 import random
 import resource
 import sys
@@ -319,14 +318,7 @@ def main(argv: list[str] | None = None) -> None:
                     stats["loss"] += (loss_tok.detach() * mask).sum().item()
                     stats["kl"] += (kl.detach() * mask).sum().item()
                     stats["clip"] += (clipped & mask).sum().item()
-                norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-                norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                if math.isfinite(norm):
-                    optimizer.step()
-                else:
-                    M.print0(f"step {step + 1}: non-finite gradient norm, update skipped")
-                optimizer.zero_grad(set_to_none=True)
-                stats["grad_norm"].append(norm)
+                stats["grad_norm"].append(M.clip_and_step(policy, optimizer, args.grad_clip, step + 1))
             t["update"] = time.perf_counter()
 
             # ---- weight sync: the engine samples the next step with the new weights ----

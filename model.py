@@ -20,6 +20,7 @@ set-up and FSDP2, checkpoints, data loading. The rollout engines are in rollout.
 import base64
 import io
 import json
+import math
 import os
 import shutil
 import socket
@@ -401,6 +402,18 @@ def shard_model(model, param_dtype: torch.dtype | None = None, reduce_dtype: tor
     register_fsdp_forward_method(model, "generate")
     return model
 
+
+def clip_and_step(model, optimizer, max_norm: float, step: int) -> float:
+    """Clip the gradient norm (over all shards), take the optimizer step unless the norm is not
+    finite (then the update is skipped, with a message), clear the gradients. Returns the norm."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if math.isfinite(norm):
+        optimizer.step()
+    else:
+        print0(f"step {step}: non-finite gradient norm, update skipped")
+    optimizer.zero_grad(set_to_none=True)
+    return norm
 
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each layer's activations in backward (call before shard_model)."""

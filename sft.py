@@ -176,13 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                 nll = -(logp * b["completion_mask"]).sum()                            # summed over target tokens
                 (nll * world / tokens).backward()  # FSDP averages over ranks: x world gives the global mean
                 loss_sum += nll.item()
-            norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            if math.isfinite(norm):
-                optimizer.step()
-            else:
-                M.print0(f"step {step + 1}: non-finite gradient norm, update skipped")
-            optimizer.zero_grad(set_to_none=True)
+            norm = M.clip_and_step(policy, optimizer, args.grad_clip, step + 1)
 
             # ---- log ----
             stats = torch.tensor([loss_sum], dtype=torch.float64, device=device)
