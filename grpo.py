@@ -27,8 +27,8 @@ complete checkpoint in --out with --resume.
 
 import argparse
 import json
+import os
 import random
-import resource
 import sys
 import time
 from pathlib import Path
@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 import evaluate
 import model as M
+import plan as P
 import rollout
 import reward as R
 
@@ -48,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="qwen2.5-vl-3b", help="alias (qwen2.5-vl-3b|7b|32b, tiny), hub id or local checkpoint")
-    g.add_argument("--data", required=True, help="training rows: hub name, save_to_disk dir, or parquet/jsonl file")
+    g.add_argument("--data", help="training rows: hub name, save_to_disk dir, or parquet/jsonl file")
     g.add_argument("--split", default="train", help="split of a hub dataset or DatasetDict")
     g.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts are an error (see --skip-long-prompts)")
     g.add_argument("--skip-long-prompts", action="store_true", help="drop over-long prompts (with a count) instead of stopping")
@@ -72,8 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--epochs", type=int, default=1, help="passes over the data (m23k: 5, PMC-VQA: 1)")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: epochs decide)")
     g.add_argument("--seed", type=int, default=42, help="data order and sampling seed")
-    g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16" if torch.cuda.is_available() else "float32",
-                   help="compute dtype (FSDP2 mixed precision; master weights stay fp32)")
+    g.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="compute dtype (FSDP2 mixed precision; master weights stay fp32). Default: bfloat16 on GPU "
+                        "and for --plan, float32 on CPU")
     g.add_argument("--no-gradient-checkpointing", action="store_true", help="keep activations instead of recomputing them")
     g = p.add_argument_group("GRPO loss")
     g.add_argument("--kl-coef", type=float, default=0.01, help="k3 KL to the initial model (0: no reference model is built)")
@@ -94,7 +96,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dump-every", type=int, default=10, help="write sampled rollouts every N steps")
     g.add_argument("--eval-data", default=None, help="rows evaluate.py scores greedily every --eval-every steps")
     g.add_argument("--eval-every", type=int, default=0, help="0: no in-training evaluation")
+    g = p.add_argument_group("memory plan and telemetry")
+    g.add_argument("--plan", action="store_true", help="print the expected memory per GPU and per node, exit 0 if it fits, 2 if not")
+    g.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                   help="GPUs that --plan plans for (default: torchrun's WORLD_SIZE, else 1)")
+    g.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="GiB per GPU to plan for (default: this GPU's, else 80); when given, a CPU run is checked too")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak TFLOP/s for MFU (default: bf16 dense peak of a known GPU; none on CPU: MFU is null)")
     args = p.parse_args(argv)
+    if not args.plan and not args.data:
+        p.error("--data is required")
+    args.dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() or args.plan else "float32")
     if args.prompts_per_step % args.mini_batch:
         p.error("--prompts-per-step must be a multiple of --mini-batch")
     return args
@@ -193,6 +206,18 @@ def save(policy, optimizer, processor, args, step: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # ---- memory plan: before anything is loaded, a configuration that cannot fit stops (exit 2) ----
+    if args.plan or args.gpu_memory_gb or torch.cuda.is_available():
+        world = args.world_size if args.plan else int(os.environ.get("WORLD_SIZE", 1))
+        longest = args.max_prompt_tokens + args.max_response_tokens
+        P.check(P.shapes(args.model), P.Run(
+            "grpo", world, micro_batch=min(args.micro_batch, max(1, args.mini_batch // world) * args.group_size),
+            seq_len=longest, logit_tokens=args.max_response_tokens, image_tokens=args.max_prompt_tokens,
+            compute_bytes=getattr(torch, args.dtype).itemsize, checkpointing=not args.no_gradient_checkpointing,
+            ref=None if args.kl_coef == 0 else "host" if args.ref_offload else "gpu", vllm=args.rollout == "vllm",
+            tensor_parallel=args.tensor_parallel, gpu_memory_utilization=args.gpu_memory_utilization,
+            vllm_bytes=4 if args.vllm_dtype == "float32" else 2, max_model_len=longest,
+            gpu_gib=P.gpu_gib(args.gpu_memory_gb), ranks_per_node=P.ranks_per_node(world)), args.model, show=args.plan)
     rank, world, device = M.init_distributed()
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -240,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_rows = list(M.load_rows(args.eval_data, "test")) if args.eval_data else None
         metrics_file = M.open_metrics(out / "metrics.jsonl", start) if rank == 0 else None
         per_rank = args.prompts_per_step // world
+        shapes, peak_tflops = P.shapes(path), P.peak_tflops(device, args.peak_tflops)  # for MFU
 
         for step in range(start, total_steps):
             t = {"start": time.perf_counter()}
@@ -296,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
 
             # ---- updates: one optimizer step per mini-batch, one PPO epoch ----
             policy.train()
-            stats = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "grad_norm": []}
+            stats = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "grad_norm": [], "flops": 0.0, "tokens": 0}
             n_tokens = sum(b["completion_mask"].sum().item() for (u, k), (b, _, _) in batch_of.items()
                            if updates[u][k] is not None)
             for u, micro in enumerate(updates):
@@ -318,39 +344,49 @@ def main(argv: list[str] | None = None) -> None:
                     stats["loss"] += (loss_tok.detach() * mask).sum().item()
                     stats["kl"] += (kl.detach() * mask).sum().item()
                     stats["clip"] += (clipped & mask).sum().item()
+                    stats["flops"] += P.batch_flops(shapes, b)              # forward + backward, model FLOPs
+                    stats["tokens"] += int(b["attention_mask"].sum())
                 stats["grad_norm"].append(M.clip_and_step(policy, optimizer, args.grad_clip, step + 1))
             t["update"] = time.perf_counter()
 
             # ---- weight sync: the engine samples the next step with the new weights ----
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # hand the update's cached blocks back: vLLM wakes into them (plan.py)
             engine.update_weights(policy)
             t["sync"] = time.perf_counter()
 
             # ---- log ----
+            # Throughput is per device: rollout tokens are everything generated on all ranks / rollout
+            # seconds / world size (GPUs, whatever the tensor parallel size: x --tensor-parallel for
+            # one engine); training tokens are the real (unpadded) tokens through forward + backward
+            # in the update; MFU is the update's model FLOPs (plan.flops) / update seconds / world / peak.
             lengths = torch.tensor([float(len(c.token_ids)) for _, c in samples])
             local = torch.tensor([rewards.sum(), correct.sum(), formatted.sum(), lengths.sum(), len(samples),
                                   zero_var.sum(), len(zero_var), gaps.sum().item(), gaps.numel(), stats["loss"],
-                                  stats["kl"], stats["clip"], n_tokens], dtype=torch.float64)
-            peak = torch.tensor([lengths.max(), gaps.max().item()], dtype=torch.float64)
+                                  stats["kl"], stats["clip"], n_tokens, stats["flops"], stats["tokens"]], dtype=torch.float64)
+            peak = torch.tensor([lengths.max(), gaps.max().item(), P.peak_device_memory_gb() or 0.0,
+                                 P.peak_rss_mb()], dtype=torch.float64)
             dist.all_reduce(local)
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
             (r_sum, acc, fmt, len_sum, count, zv, groups, gap_sum, gap_n, loss_sum, kl_sum, clip_sum,
-             trained_tokens) = local.tolist()
+             trained_tokens, flops, train_tokens) = local.tolist()
             trained_tokens = max(trained_tokens, 1)  # loss, KL and clip fraction: means over all trained tokens
+            seconds = {f"s_{k}": round(t[k] - prev, 3) for prev, k in zip(list(t.values()), list(t)[1:])}
+            tflops = flops / seconds["s_update"] / world / 1e12
             m = {"step": step + 1, "reward": r_sum / count, "accuracy": acc / count, "format": fmt / count,
                  "response_len": len_sum / count, "response_len_max": peak[0].item(), "zero_var_groups": zv / groups,
                  "loss": loss_sum / trained_tokens, "kl": kl_sum / trained_tokens, "clip_frac": clip_sum / trained_tokens,
                  "grad_norm": max(stats["grad_norm"]), "lr": args.lr, "canary_mean": gap_sum / gap_n,
-                 "canary_max": peak[1].item(), "rollout_tokens_per_s": len_sum / world / (t["rollout"] - t["start"]),
-                 **{f"s_{k}": round(t[k] - prev, 3) for prev, k in zip(list(t.values()), list(t)[1:])},
-                 "peak_mem_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda" else 0) / 2**30,
-                 "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+                 "canary_max": peak[1].item(), "rollout_tok_s": len_sum / world / seconds["s_rollout"],
+                 "train_tok_s": train_tokens / world / seconds["s_update"], "tflops": tflops,
+                 "mfu": tflops / peak_tflops if peak_tflops else None,
+                 "peak_mem_gb": peak[2].item() if device.type == "cuda" else None, "peak_rss_mb": peak[3].item(), **seconds}
             if rank == 0:
                 print(f"step {m['step']}/{total_steps} reward {m['reward']:.3f} acc {m['accuracy']:.3f} "
                       f"format {m['format']:.3f} len {m['response_len']:.0f}/{m['response_len_max']:.0f} "
                       f"kl {m['kl']:.4f} clip {m['clip_frac']:.3f} gnorm {m['grad_norm']:.3f} "
-                      f"zero-var {m['zero_var_groups']:.2f} canary {m['canary_mean']:.2e}/{m['canary_max']:.2e} "
-                      f"rollout {m['rollout_tokens_per_s']:.0f} tok/s mem {m['peak_mem_gb']:.1f} GB rss {m['peak_rss_gb']:.1f} GB "
-                      f"time {' '.join(f'{k[2:]} {v:.1f}s' for k, v in m.items() if k.startswith('s_'))}", flush=True)
+                      f"zero-var {m['zero_var_groups']:.2f} canary {m['canary_mean']:.2e}/{m['canary_max']:.2e} | "
+                      + P.perf_line(m), flush=True)
                 metrics_file.write(json.dumps(m) + "\n")
                 metrics_file.flush()
             if args.dump_every and (step + 1) % args.dump_every == 0:
@@ -372,12 +408,14 @@ def main(argv: list[str] | None = None) -> None:
 
             # ---- eval: evaluate.py's greedy run and summary on --eval-data ----
             if eval_rows is not None and args.eval_every and (step + 1) % args.eval_every == 0:
+                t_eval = time.perf_counter()
                 records = evaluate.run(engine, eval_rows, out / "eval" / f"step_{step + 1:06d}.jsonl",
                                        max_new_tokens=args.max_response_tokens, seed=args.seed)
-                summary = evaluate.summarize(records)
-                M.print0(f"eval step {step + 1}: " + " ".join(f"{name} {v['lenient']:.1f}" for name, v in summary.items()))
+                summary, s_eval = evaluate.summarize(records), round(time.perf_counter() - t_eval, 3)
+                M.print0(f"eval step {step + 1}: " + " ".join(f"{name} {v['lenient']:.1f}" for name, v in summary.items())
+                         + f" time {s_eval:.1f}s")
                 if rank == 0:
-                    metrics_file.write(json.dumps({"step": step + 1, "eval": summary}) + "\n")
+                    metrics_file.write(json.dumps({"step": step + 1, "eval": summary, "s_eval": s_eval}) + "\n")
     finally:
         if engine is not None:
             engine.close()

@@ -22,8 +22,8 @@ function of seed and epoch) and learning-rate schedule (a function of the step).
 import argparse
 import json
 import math
+import os
 import random
-import resource
 import sys
 import time
 from pathlib import Path
@@ -33,6 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
+import plan as P
 
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="qwen2.5-vl-3b", help="alias (qwen2.5-vl-3b|7b|32b, tiny), hub id or local checkpoint")
-    g.add_argument("--data", required=True, help="rows with `reasoning` (or a pre-rendered `text`): hub name, save_to_disk dir, parquet/jsonl")
+    g.add_argument("--data", help="rows with `reasoning` (or a pre-rendered `text`): hub name, save_to_disk dir, parquet/jsonl")
     g.add_argument("--split", default="train", help="split of a hub dataset or DatasetDict")
     g.add_argument("--max-length", type=int, default=32768, help="prompt + target tokens; longer rows are an error")
     g.add_argument("--skip-long", action="store_true", help="drop over-long rows (with a count) instead of stopping")
@@ -58,15 +59,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--epochs", type=int, default=5, help="passes over the data")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: epochs decide; the schedule still spans all epochs)")
     g.add_argument("--seed", type=int, default=42, help="data order")
-    g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16" if torch.cuda.is_available() else "float32",
-                   help="compute dtype (FSDP2 mixed precision; master weights stay fp32)")
+    g.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="compute dtype (FSDP2 mixed precision; master weights stay fp32). Default: bfloat16 on GPU "
+                        "and for --plan, float32 on CPU")
     g.add_argument("--no-gradient-checkpointing", action="store_true", help="keep activations instead of recomputing them")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/sft", help="output directory")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end of every epoch)")
     g.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0: all)")
     g.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    g = p.add_argument_group("memory plan and telemetry")
+    g.add_argument("--plan", action="store_true", help="print the expected memory per GPU and per node, exit 0 if it fits, 2 if not")
+    g.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                   help="GPUs that --plan plans for (default: torchrun's WORLD_SIZE, else 1)")
+    g.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="GiB per GPU to plan for (default: this GPU's, else 80); when given, a CPU run is checked too")
+    g.add_argument("--image-tokens", type=int, default=2048,
+                   help="image tokens per sequence that --plan assumes (the images of one row; 1024 px is ~1369)")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak TFLOP/s for MFU (default: bf16 dense peak of a known GPU; none on CPU: MFU is null)")
     args = p.parse_args(argv)
+    if not args.plan and not args.data:
+        p.error("--data is required")
+    args.dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() or args.plan else "float32")
     return args
 
 
@@ -106,6 +121,14 @@ def lr_at(step: int, total: int, args) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # ---- memory plan: before anything is loaded, a configuration that cannot fit stops (exit 2) ----
+    if args.plan or args.gpu_memory_gb or torch.cuda.is_available():
+        world = args.world_size if args.plan else int(os.environ.get("WORLD_SIZE", 1))
+        P.check(P.shapes(args.model), P.Run(
+            "sft", world, micro_batch=args.micro_batch, seq_len=args.max_length, logit_tokens=args.max_length,
+            image_tokens=min(args.image_tokens, args.max_length), compute_bytes=getattr(torch, args.dtype).itemsize,
+            checkpointing=not args.no_gradient_checkpointing, gpu_gib=P.gpu_gib(args.gpu_memory_gb),
+            ranks_per_node=P.ranks_per_node(world)), args.model, show=args.plan)
     rank, world, device = M.init_distributed()
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -155,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics_file = M.open_metrics(out / "metrics.jsonl", start) if rank == 0 else None
         pad = processor.tokenizer.pad_token_id
         last = min(total, args.max_steps or total)
+        shapes, peak_tflops = P.shapes(path), P.peak_tflops(device, args.peak_tflops)  # for MFU
 
         for step in range(start, last):
             t0 = time.perf_counter()
@@ -178,18 +202,24 @@ def main(argv: list[str] | None = None) -> None:
                 loss_sum += nll.item()
             norm = M.clip_and_step(policy, optimizer, args.grad_clip, step + 1)
 
-            # ---- log ----
-            stats = torch.tensor([loss_sum], dtype=torch.float64, device=device)
+            # ---- log: per device, the real (unpadded) tokens through forward + backward and their model
+            # FLOPs (plan.flops) over the whole step's seconds (encoding the rows included) ----
+            flops = sum(P.batch_flops(shapes, b) for b in batches)
+            stats = torch.tensor([loss_sum, flops, sum(float(b["attention_mask"].sum()) for b in batches)],
+                                 dtype=torch.float64)
+            peak = torch.tensor([P.peak_device_memory_gb() or 0.0, P.peak_rss_mb()], dtype=torch.float64)
             dist.all_reduce(stats)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
             seconds = time.perf_counter() - t0
-            m = {"step": step + 1, "epoch": epoch + 1, "loss": stats.item() / tokens.item(), "lr": optimizer.param_groups[0]["lr"],
-                 "grad_norm": norm, "tokens_per_s": tokens.item() / seconds, "seconds": seconds,
-                 "peak_mem_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda" else 0) / 2**30,
-                 "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            tflops = stats[1].item() / seconds / world / 1e12
+            m = {"step": step + 1, "epoch": epoch + 1, "loss": stats[0].item() / tokens.item(), "lr": optimizer.param_groups[0]["lr"],
+                 "grad_norm": norm, "train_tok_s": stats[2].item() / seconds / world, "tflops": tflops,
+                 "mfu": tflops / peak_tflops if peak_tflops else None,
+                 "peak_mem_gb": peak[0].item() if device.type == "cuda" else None, "peak_rss_mb": peak[1].item(),
+                 "s_step": round(seconds, 3)}
             if rank == 0:
                 print(f"step {m['step']}/{total} epoch {m['epoch']} loss {m['loss']:.4f} lr {m['lr']:.3g} "
-                      f"gnorm {norm:.3f} {m['tokens_per_s']:.0f} tok/s mem {m['peak_mem_gb']:.1f} GB "
-                      f"rss {m['peak_rss_gb']:.1f} GB", flush=True)
+                      f"gnorm {norm:.3f} | " + P.perf_line(m), flush=True)
                 metrics_file.write(json.dumps(m) + "\n")
                 metrics_file.flush()
 

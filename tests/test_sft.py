@@ -88,8 +88,13 @@ def test_one_rank_and_two_ranks_train_the_same(tiny_path, sft_data, tmp_path):
 def test_gradient_accumulation_gives_the_same_update(tiny_path, sft_data, tmp_path):
     args = COMMON + ["--model", tiny_path, "--data", sft_data, "--global-batch", "8", "--epochs", "1", "--max-steps", "1"]
     whole = sft_cli(args + ["--micro-batch", "8", "--out", str(tmp_path / "whole")])
-    split = sft_cli(args + ["--micro-batch", "2", "--out", str(tmp_path / "split")])
+    split = sft_cli(args + ["--micro-batch", "2", "--out", str(tmp_path / "split"), "--peak-tflops", "0.5"])
     assert whole.returncode == 0 and split.returncode == 0, whole.stderr[-3000:] + split.stderr[-3000:]
+    (w,), (s,) = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                  for d in ("whole", "split")]
+    # telemetry: the same tokens either way; MFU only with a peak (none on CPU), no device memory on CPU
+    assert w["train_tok_s"] * w["s_step"] == pytest.approx(s["train_tok_s"] * s["s_step"], rel=1e-2)
+    assert w["mfu"] is None and s["mfu"] == pytest.approx(s["tflops"] / 0.5) and s["peak_mem_gb"] is None
     assert losses(tmp_path / "whole") == pytest.approx(losses(tmp_path / "split"), rel=1e-5)
     a, b, init = final_weights(tmp_path / "whole"), final_weights(tmp_path / "split"), load_file(f"{tiny_path}/model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)

@@ -1,0 +1,388 @@
+"""The memory planner, shared by grpo.py and sft.py, and the FLOP count behind their MFU.
+
+`grpo.py --plan` / `sft.py --plan` print the expected memory of every GPU (and of every node's
+host) for the stage's flags, from the model's shapes alone, and exit 0 if it fits, 2 if not. On a
+GPU (or on CPU with --gpu-memory-gb) a normal run makes the same check first and stops with exit
+code 2, before anything is loaded, when the plan does not fit (an out-of-memory error at step 200
+costs more than a refusal at step 0). tests/test_plan.py holds the plan against memory measured
+while the tiny model trains on two CPU ranks.
+
+What is counted, per GPU (B sequences of T tokens per micro-batch, P parameters, W ranks):
+  policy     fp32 master weights, gradients (update phase only: set to None after each step) and
+             AdamW's m and v, all FSDP2-sharded: 4P/W each, 8P/W for m and v.
+  gathered   FSDP2's unsharded units in the compute dtype during forward/backward: the root unit
+             (embeddings, lm_head, final norm, the vision merger) stays gathered for the whole
+             micro-batch, with its unsharded gradient and that gradient's fp32 copy for the
+             reduce-scatter; plus two blocks (the current one and the prefetched next).
+  activations with gradient checkpointing: every decoder layer's and vision block's input (B*T*H),
+             one layer's recomputed activations (per token: c*(13H + 4Hkv + 6I) + 8H bytes, c the
+             compute dtype's size: norms, q/k/v, RoPE copies, attention output, SwiGLU's four
+             I-wide tensors, their gradients; RMSNorm computes in fp32), the boolean causal mask
+             (B*T*T) and one chunk of the log-prob head (chunk x vocab x (c + 12) bytes: the logits
+             and three fp32 vocab-wide temporaries of logsumexp's backward). Without
+             checkpointing, every layer's activations.
+  reference  (GRPO, KL > 0) fp32 shards 4P/W on the GPU, or in host memory with --ref-offload.
+  vLLM       (GRPO) while awake it holds --gpu-memory-utilization x GPU memory: weights / tensor
+             parallel, its activations and CUDA graphs (VLLM_OVERHEAD_GIB, an estimate: vLLM logs
+             its own numbers at start-up) and the KV cache (the rest). Asleep (level 1) it holds
+             ~nothing on the GPU and its weights in host memory. The rollout phase must fit the
+             trainer's persistent memory (params, AdamW, an on-GPU reference) beside vLLM's share.
+  reserve    RESERVE_GIB for the CUDA context, NCCL buffers and allocator fragmentation.
+The update's peak is the largest of three moments of a micro-batch's backward (plan_memory): the
+log-prob head's backward, a layer's backward, and the root unit's reduce-scatter.
+Host memory per node: every rank reads the full fp32 model before sharding it (at start-up), the
+offloaded reference shards, vLLM's slept weights, and rank 0's gathered checkpoint.
+
+Images are assumed to fill the prompt (GRPO: --max-prompt-tokens image tokens per sequence, each
+of spatial_merge_size^2 patches), the worst case; text and image positions are both B*T.
+"""
+
+import math
+import os
+import resource
+from dataclasses import dataclass, field
+
+import torch
+
+import model as M
+
+# The three checkpoints the recipe trains, so that planning needs no download: the `config.json`
+# of Qwen/Qwen2.5-VL-{3B,7B,32B}-Instruct (text part, vision_config). tests/test_plan.py builds the
+# models from these on the meta device and checks the parameter counts against them.
+_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, temporal_patch_size=2,
+               in_channels=3, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+SHAPES = {
+    "Qwen/Qwen2.5-VL-3B-Instruct": dict(
+        hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+        vocab_size=151936, tie_word_embeddings=True, vision=dict(_VISION, out_hidden_size=2048)),
+    "Qwen/Qwen2.5-VL-7B-Instruct": dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+        vocab_size=152064, tie_word_embeddings=False, vision=dict(_VISION, out_hidden_size=3584)),
+    "Qwen/Qwen2.5-VL-32B-Instruct": dict(
+        hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+        vocab_size=152064, tie_word_embeddings=False, vision=dict(_VISION, intermediate_size=3456, out_hidden_size=5120)),
+}
+
+GiB = 2 ** 30
+RESERVE_GIB = 4.0         # CUDA context (~0.5), NCCL buffers (~1), allocator fragmentation
+VLLM_OVERHEAD_GIB = 2.0   # vLLM's profiled activations, sampler buffers and CUDA graphs (estimate)
+LOGPROB_CHUNK = 1024      # model.token_logprobs' chunk_tokens
+# bf16 dense peak TFLOP/s by device name (substring, first match), the denominator of MFU
+PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0),
+               ("A100", 312.0), ("A800", 312.0)]
+
+
+@dataclass
+class Shapes:
+    """What the planner and the FLOP count need of a Qwen2.5-VL config."""
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    v_depth: int
+    v_hidden: int
+    v_intermediate: int
+    v_out: int
+    patch_dim: int        # in_channels * temporal_patch_size * patch_size^2: one patch's pixels
+    merge: int            # spatial_merge_size
+    window: int           # the vision window's side in merged tokens
+    v_full_blocks: int    # vision blocks with full (not windowed) attention
+
+    @classmethod
+    def from_dict(cls, text: dict, vision: dict, tied: bool) -> "Shapes":
+        heads = text["num_attention_heads"]
+        return cls(text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"], heads,
+                   text["num_key_value_heads"], text.get("head_dim") or text["hidden_size"] // heads,
+                   text["vocab_size"], tied, vision["depth"], vision["hidden_size"], vision["intermediate_size"],
+                   vision["out_hidden_size"], vision["in_channels"] * vision["temporal_patch_size"] * vision["patch_size"] ** 2,
+                   vision["spatial_merge_size"], vision["window_size"] // vision["spatial_merge_size"] // vision["patch_size"],
+                   len(vision["fullatt_block_indexes"]))
+
+
+def shapes(name: str) -> Shapes:
+    """An alias, hub id or local checkpoint -> Shapes, from the built-in table or the config.json
+    (read with transformers' AutoConfig: nothing but the config is loaded)."""
+    hub_id = M.MODEL_ALIASES.get(name, name)
+    if hub_id in SHAPES:
+        table = SHAPES[hub_id]
+        return Shapes.from_dict(table, table["vision"], table["tie_word_embeddings"])
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(M.resolve_model(name))
+    except OSError as e:
+        raise SystemExit(f"--plan: no config for {name!r} ({e}); use a local checkpoint or one of {sorted(SHAPES)}")
+    return Shapes.from_dict(config.text_config.to_dict(), config.vision_config.to_dict(), bool(config.tie_word_embeddings))
+
+
+# ---- parameter counts ----
+
+def param_counts(s: Shapes) -> dict[str, int]:
+    """Exact parameter counts of Qwen2_5_VLForConditionalGeneration: the decoder layers, the vision
+    blocks, and the root unit of model.shard_model (everything else: embeddings, lm_head, norm,
+    patch embedding, merger)."""
+    kv = s.kv_heads * s.head_dim
+    layer = s.hidden * (s.heads * s.head_dim) + s.heads * s.head_dim + 2 * (s.hidden * kv + kv) \
+        + s.heads * s.head_dim * s.hidden + 3 * s.hidden * s.intermediate + 2 * s.hidden      # q,k,v (+bias), o, MLP, 2 norms
+    vh, vi = s.v_hidden, s.v_intermediate
+    block = vh * 3 * vh + 3 * vh + vh * vh + vh + 2 * (vh * vi + vi) + vi * vh + vh + 2 * vh    # qkv, proj, gate/up/down, norms
+    merged = vh * s.merge ** 2
+    vision_root = s.patch_dim * vh + vh + merged * merged + merged + merged * s.v_out + s.v_out  # patch embed; merger
+    root = s.vocab * s.hidden * (1 if s.tied else 2) + s.hidden + vision_root  # embeddings, lm_head unless tied, norm
+    return {"total": s.layers * layer + s.v_depth * block + root, "vision": s.v_depth * block + vision_root,
+            "layer": layer, "block": block, "root": root}
+
+
+# ---- FLOPs: what MFU divides by the device's peak ----
+#
+# Model FLOPs of one training step, counted like PaLM's appendix B: a (m x k) @ (k x n) matmul is
+# 2mkn FLOPs, and its backward is twice that (gradients of the input and of the weight), so
+# training = 3 x forward. For a sequence of T real tokens (padding is not counted) of which n go
+# through lm_head (token_logprobs projects only the completion / target positions):
+#   LM layers   6 * N_layers * T,  N_layers = layers * (H*(H + 2*Hkv) + H*H + 3*H*I)  (q,k,v,o; gate,up,down)
+#   attention   12 * layers * H * T^2   (QK^T and AV: 2 * 2*T*T*H forward; full T^2 as in PaLM, the
+#               causal mask's half is not subtracted)
+#   lm_head     6 * H * V * n
+#   vision, per image of p = t*h*w patches, on the vision tower's own tokens (before merging):
+#               6 * depth * (4*vh^2 + 3*vh*vi) * p                    (qkv, proj; gate, up, down)
+#             + 12 * vh * (full_blocks * t*(h*w)^2 + windowed_blocks * t * sum over windows of w_len^2)
+#             + 6 * ((m^2*vh)^2 + m^2*vh*out) * p / m^2              (the patch merger, on merged tokens)
+#             + 4 * patch_dim * vh * p                                (patch embedding: no gradient for pixels)
+# Embedding lookups, norms, activations, RoPE, softmax and biases are not counted, nor is the
+# recomputation that gradient checkpointing adds (it is hardware work, not model work): MFU is
+# the share of the device's peak spent on the model's own arithmetic. A forward-only pass (old
+# and reference log-probs) is a third of the training count.
+
+def vision_attention_spans(s: Shapes, t: int, h: int, w: int) -> tuple[int, int]:
+    """(sum of squared full-attention spans, sum of squared window spans) of one image, in patches."""
+    mh, mw, m2 = h // s.merge, w // s.merge, s.merge ** 2
+    rows = [min(s.window, mh - i) for i in range(0, mh, s.window)]
+    cols = [min(s.window, mw - j) for j in range(0, mw, s.window)]
+    return t * (h * w) ** 2, t * sum((a * b * m2) ** 2 for a in rows for b in cols)
+
+
+def flops(s: Shapes, seq_lens: list[int], logit_tokens: int, image_grids: list[tuple[int, int, int]],
+          backward: bool = True) -> float:
+    """Model FLOPs of one forward (+ backward) pass over sequences of `seq_lens` real tokens,
+    `logit_tokens` of them through lm_head, images of (t, h, w) patches. See the formula above."""
+    H, I, kv = s.hidden, s.intermediate, s.kv_heads * s.head_dim
+    attn = s.heads * s.head_dim
+    lm = 2 * s.layers * (H * (attn + 2 * kv) + attn * H + 3 * H * I) * sum(seq_lens)
+    lm += 4 * s.layers * attn * sum(T * T for T in seq_lens) + 2 * H * s.vocab * logit_tokens
+    vh, vi, m2 = s.v_hidden, s.v_intermediate, s.merge ** 2
+    vision, embed = 0.0, 0.0
+    for t, h, w in image_grids:
+        p = t * h * w
+        full, windowed = vision_attention_spans(s, t, h, w)
+        vision += 2 * s.v_depth * (4 * vh * vh + 3 * vh * vi) * p + 2 * (m2 * vh * m2 * vh + m2 * vh * s.v_out) * p / m2
+        vision += 4 * vh * (s.v_full_blocks * full + (s.v_depth - s.v_full_blocks) * windowed)
+        embed += 2 * s.patch_dim * vh * p
+    return (3 if backward else 1) * (lm + vision) + (2 if backward else 1) * embed
+
+
+def batch_flops(s: Shapes, batch: dict, backward: bool = True) -> float:
+    """flops() of a model.collate batch: real lengths from attention_mask, lm_head positions from
+    completion_mask, images from image_grid_thw."""
+    grids = batch["image_grid_thw"].tolist() if "image_grid_thw" in batch else []
+    return flops(s, batch["attention_mask"].sum(1).tolist(), int(batch["completion_mask"][:, 1:].sum()), grids, backward)
+
+
+def peak_tflops(device, override: float | None = None) -> float | None:
+    """The device's bf16 dense peak in TFLOP/s: --peak-tflops, else the table above for a known GPU,
+    else None (a CPU has no honest peak: MFU is then reported as null)."""
+    if override:
+        return override
+    if getattr(device, "type", device) != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in PEAK_TFLOPS if key in name), None)
+
+
+# ---- telemetry shared by the stages' step lines ----
+
+def peak_device_memory_gb() -> float | None:
+    """The trainer's peak GPU memory so far (torch's allocator; vLLM's sleep-mode pool is not in it);
+    None on CPU."""
+    return torch.cuda.max_memory_allocated() / GiB if torch.cuda.is_available() else None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def perf_line(m: dict) -> str:
+    """The fixed performance fields of a step line, from its metrics (absent ones are skipped, nulls are -)."""
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    parts = [f"rollout {m['rollout_tok_s']:.0f} tok/s"] if "rollout_tok_s" in m else []
+    parts += [f"train {m['train_tok_s']:.0f} tok/s", f"{m['tflops']:.3g} TFLOP/s",
+              f"mfu {fmt(m['mfu'], '.1%')}", f"mem {fmt(m['peak_mem_gb'], '.1f')} GB",
+              f"rss {m['peak_rss_mb']:.0f} MB",
+              "time " + " ".join(f"{k[2:]} {v:.1f}s" for k, v in m.items() if k.startswith("s_"))]
+    return " ".join(parts)
+
+
+def gpu_gib(flag: float | None) -> float:
+    """GiB per GPU to plan for: the flag, else this machine's first GPU, else 80."""
+    if flag:
+        return flag
+    return torch.cuda.get_device_properties(0).total_memory / GiB if torch.cuda.is_available() else 80.0
+
+
+def ranks_per_node(world: int) -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", min(world, 8)))
+
+
+# ---- the memory plan ----
+
+@dataclass
+class Run:
+    """The flags of a stage that decide its memory."""
+    stage: str                    # "grpo" or "sft"
+    world: int                    # ranks (GPUs)
+    micro_batch: int              # sequences per forward/backward on one rank
+    seq_len: int                  # the longest sequence: prompt + completion tokens
+    logit_tokens: int             # tokens per sequence through lm_head (the completion / target)
+    image_tokens: int             # merged image tokens per sequence (worst case)
+    compute_bytes: int = 2        # 2: bf16 compute, 4: fp32
+    checkpointing: bool = True
+    ref: str | None = None        # GRPO's reference model: None, "gpu" or "host" (--ref-offload)
+    vllm: bool = False
+    tensor_parallel: int = 1
+    gpu_memory_utilization: float = 0.6
+    vllm_bytes: int = 2           # vLLM's weights and KV cache dtype
+    max_model_len: int = 0
+    gpu_gib: float = 80.0
+    ranks_per_node: int = 8
+    reserve_gib: float = RESERVE_GIB
+
+
+@dataclass
+class Plan:
+    rows: list[tuple[str, float, str]]           # (what, GiB per GPU, phases when it is held)
+    host: list[tuple[str, float]]                # (what, GiB per node)
+    phases: dict[str, float]                     # phase -> GiB per GPU
+    kv_tokens: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    @property
+    def host_peak(self) -> float:
+        """GiB per node: the start-up read of the model, or everything held afterwards."""
+        return max(self.host[0][1], sum(gib for _, gib in self.host[1:]))
+
+
+def layer_activation_bytes(hidden: int, kv: int, intermediate: int, c: int) -> int:
+    """Bytes per token of one decoder layer's (or vision block's) activations during its backward."""
+    return c * (13 * hidden + 4 * kv + 6 * intermediate) + 8 * hidden
+
+
+def plan_memory(s: Shapes, r: Run) -> Plan:
+    n = param_counts(s)
+    P, W, c = n["total"], r.world, r.compute_bytes
+    tokens, patches = r.micro_batch * r.seq_len, r.micro_batch * r.image_tokens * s.merge ** 2
+    # activations of one micro-batch
+    lm_layer = layer_activation_bytes(s.hidden, s.kv_heads * s.head_dim, s.intermediate, c)
+    v_block = layer_activation_bytes(s.v_hidden, s.v_hidden, s.v_intermediate, c)
+    if r.checkpointing:
+        saved = c * (s.layers * tokens * s.hidden + s.v_depth * patches * s.v_hidden)
+        working = max(lm_layer * tokens, v_block * patches)
+    else:
+        saved, working = s.layers * lm_layer * tokens + s.v_depth * v_block * patches, 0
+    chunk = min(LOGPROB_CHUNK, r.micro_batch * r.logit_tokens)
+    head = chunk * s.vocab * (c + 12)
+    hidden = 2 * c * tokens * s.hidden + r.micro_batch * r.seq_len ** 2  # final hidden states, their grad; bool mask
+    root = c * n["root"]                                       # gathered for the whole forward and backward
+    head_grad = c * s.vocab * s.hidden                         # lm_head's unsharded gradient, from the first chunk on
+    blocks = (3 * c + 4) * max(n["layer"], n["block"])         # two gathered blocks, one's gradient and its fp32 copy
+    reduce = (c + 4) * n["root"]                               # the root's gradients and fp32 reduce-scatter input
+    rows = [("policy weights (fp32, sharded)", 4 * P / W, "always"),
+            ("AdamW m and v (fp32, sharded)", 8 * P / W, "always"),
+            ("gradients (fp32, sharded)", 4 * P / W, "update"),
+            ("FSDP2 root unit gathered (embeddings, lm_head, merger)", root, "update"),
+            ("lm_head gradient, unsharded", head_grad, "update A+C"),
+            (f"activations: {'saved layer inputs' if r.checkpointing else 'every layer, kept'} "
+             f"({r.micro_batch} x {r.seq_len} tokens)", saved, "update A+C"),
+            ("activations: final hidden states, their gradient, mask", hidden, "update A+C"),
+            (f"log-prob chunk ({chunk} x {s.vocab})", head, "update A"),
+            ("activations: one layer recomputed", working, "update C"),
+            ("FSDP2 two blocks gathered, gradient", blocks, "update C"),
+            ("root gradients + fp32 reduce-scatter input", reduce, "update B")]
+    if r.ref == "gpu":
+        rows.append(("reference model (fp32, sharded)", 4 * P / W, "always"))
+    problems, kv_tokens = [], 0
+    if r.vllm:
+        tp = r.tensor_parallel
+        if W % tp:
+            problems.append(f"world size {W} is not a multiple of --tensor-parallel {tp}")
+        share = r.gpu_memory_utilization * r.gpu_gib * GiB
+        weights = P * r.vllm_bytes / tp
+        kv_bytes = share - weights - VLLM_OVERHEAD_GIB * GiB
+        per_token = 2 * s.layers * max(1, s.kv_heads // tp) * s.head_dim * r.vllm_bytes
+        kv_tokens = max(0, int(kv_bytes // per_token))
+        rows += [(f"vLLM weights (/ tensor parallel {tp})", weights, "rollout"),
+                 ("vLLM activations, CUDA graphs (estimate)", VLLM_OVERHEAD_GIB * GiB, "rollout"),
+                 (f"vLLM KV cache ({kv_tokens:,} tokens)", max(kv_bytes, 0), "rollout")]
+        if kv_tokens < r.max_model_len:
+            problems.append(f"vLLM's KV cache holds {kv_tokens:,} tokens, less than one sequence of {r.max_model_len}: "
+                            f"raise --gpu-memory-utilization or --tensor-parallel")
+    rows.append(("reserve: CUDA context, NCCL, fragmentation", r.reserve_gib * GiB, "always"))
+    rows = [(what, b / GiB, when) for what, b, when in rows]
+    # The update's peak is the largest of three moments of a micro-batch's backward:
+    #   A  the log-prob head's backward (its first step): every layer's saved input still held
+    #   C  a layer's backward: its recomputed activations, two gathered blocks
+    #   B  the root unit's reduce-scatter (its last step): activations gone
+    held = lambda pick: sum(g for _, g, when in rows if pick(when))  # noqa: E731
+    phases = {"rollout": held(lambda w: w in ("always", "rollout"))} if r.vllm else {}
+    phases["update"] = held(lambda w: w in ("always", "update")) + max(
+        held(lambda w: w.startswith("update ") and m in w[7:]) for m in "ABC")
+    for ph, need in phases.items():
+        if need > r.gpu_gib:
+            problems.append(f"the {ph} phase needs {need:.1f} GiB per GPU, more than the {r.gpu_gib:g} GiB there are")
+    # host memory, per node
+    k = min(r.ranks_per_node, W)
+    host = [(f"start-up: {k} ranks each read the full fp32 model before sharding", k * 4 * P / GiB),
+            ("rank 0 gathers a checkpoint (compute dtype)", c * P / GiB)]
+    if r.ref == "host":
+        host.append(("reference model shards (--ref-offload)", k * 4 * P / W / GiB))
+    if r.vllm:
+        host.append(("vLLM weights while asleep (level 1)", k * P * r.vllm_bytes / r.tensor_parallel / GiB))
+    return Plan(rows, host, phases, kv_tokens, problems)
+
+
+def describe(s: Shapes, r: Run, plan: Plan, name: str) -> str:
+    n = param_counts(s)
+    nodes = math.ceil(r.world / r.ranks_per_node)
+    lines = [f"memory plan, {r.stage}: {name} ({n['total'] / 1e9:.2f} B parameters, vision {n['vision'] / 1e9:.2f} B), "
+             f"{r.world} GPUs x {r.gpu_gib:g} GiB ({nodes} node{'s' * (nodes > 1)}), "
+             f"micro-batch {r.micro_batch} x {r.seq_len} tokens, {'bf16' if r.compute_bytes == 2 else 'fp32'} compute, "
+             f"gradient checkpointing {'on' if r.checkpointing else 'off'}",
+             f"  {'per GPU':<62} {'GiB':>7}  held during"]
+    lines += [f"  {what:<62} {gib:7.2f}  {when}" for what, gib, when in plan.rows]
+    lines.append("  update moments: A the log-prob head's backward, C a layer's backward, B the root's reduce-scatter")
+    lines.append("  peak: " + ", ".join(f"{ph} {gib:.1f} GiB" for ph, gib in plan.phases.items())
+                 + f" of {r.gpu_gib:g} GiB")
+    lines.append(f"  {'host memory per node':<62} {'GiB':>7}")
+    lines += [f"  {what:<62} {gib:7.1f}" for what, gib in plan.host]
+    lines.append(f"  peak per node: {plan.host_peak:.1f} GiB (the start-up read, or what is held after it)")
+    lines.append("  fits" if plan.fits else "  DOES NOT FIT: " + "; ".join(plan.problems))
+    return "\n".join(lines)
+
+
+def check(s: Shapes, r: Run, name: str, show: bool) -> None:
+    """--plan (show): print the plan, exit 0 if it fits and 2 if not. Otherwise print nothing and
+    return when it fits; when it does not, print it and exit 2."""
+    plan = plan_memory(s, r)
+    if (show or not plan.fits) and os.environ.get("RANK", "0") == "0":
+        print(describe(s, r, plan, name), flush=True)
+    if not plan.fits:
+        raise SystemExit(2)
+    if show:
+        raise SystemExit(0)
