@@ -282,27 +282,34 @@ def distill(args) -> None:
 
 
 # ---- the toy dataset of the demo ----
+# A CT-like region of interest filled with one tissue; the question is the same for every row, so
+# only the image tells the answer. The tissue sets the grey level of the whole field (fat darkest,
+# bone brightest, as on CT): a property of every visual token, which a tiny model learns on CPU in
+# minutes, unlike "where is the lesion" (the tiny model's rotary positions barely separate left
+# from right at 4x4 visual tokens, and it stayed at chance after 13 minutes of SFT).
 
-TOY_OPTIONS = {"A": "Left", "B": "Right", "C": "Both sides", "D": "Neither side"}
+TOY_OPTIONS = {"A": "Fat", "B": "Fluid", "C": "Soft tissue", "D": "Bone"}
+TOY_LOOKS = {"A": "very dark", "B": "dark grey", "C": "light grey", "D": "bright"}
+TOY_GREY = {"A": 50, "B": 95, "C": 140, "D": 185}  # mean grey level of each tissue; +-8 per image
+TOY_QUESTION = "This is a region of interest cropped from a CT scan. Which tissue fills it?"
 
 
-def toy_scan(rng: random.Random, left: bool, right: bool, size: int = 112) -> Image.Image:
-    """A grey, noisy, scan-like oval field; a bright round lesion in each half that has one."""
-    image = Image.new("L", (size, size), 0)
+def toy_scan(rng: random.Random, label: str, size: int = 112) -> Image.Image:
+    """A textured field at the tissue's grey level, with a few darker vessel-like lines."""
+    grey = TOY_GREY[label] + rng.randint(-8, 8)
+    image = Image.new("L", (size, size), grey)
     draw = ImageDraw.Draw(image)
-    draw.ellipse([6, 10, size - 6, size - 10], fill=rng.randint(70, 100))
-    for _ in range(40):  # texture
-        x, y, r = rng.randint(10, size - 10), rng.randint(14, size - 14), rng.randint(2, 6)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=rng.randint(60, 120))
-    for present, lo, hi in ((left, 16, size // 2 - 14), (right, size // 2 + 14, size - 16)):
-        if present:
-            x, y, r = rng.randint(lo, hi), rng.randint(30, size - 30), rng.randint(7, 11)
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=rng.randint(220, 255))
+    for _ in range(40):  # texture: blobs a little darker or brighter than the tissue
+        x, y, r = rng.randrange(size), rng.randrange(size), rng.randint(2, 6)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=grey + rng.randint(-25, 25))
+    for _ in range(rng.randint(1, 3)):  # vessels
+        draw.line([rng.randrange(size), rng.randrange(size), rng.randrange(size), rng.randrange(size)],
+                  fill=max(0, grey - 35), width=rng.randint(1, 3))
     return image.filter(ImageFilter.GaussianBlur(1)).convert("RGB")
 
 
 def toy(args) -> None:
-    """Deterministic rows: the answer is in the image only (every question has the same text)."""
+    """Deterministic rows with balanced labels and short template reasoning traces for SFT."""
     from datasets import DatasetDict, load_from_disk
 
     rng = random.Random(args.seed)
@@ -310,12 +317,10 @@ def toy(args) -> None:
     for split, count in (("train", args.train), ("test", args.test)):
         rows = []
         for i in range(count):
-            label = "ABCD"[rng.randrange(4)]
-            left, right = label in "AC", label in "BC"
-            side = {"A": "the left half only", "B": "the right half only", "C": "both halves", "D": "neither half"}[label]
-            rows.append({"images": [toy_scan(rng, left, right)], "question": "On which side of this scan is the bright lesion?",
-                         "options": json.dumps(TOY_OPTIONS), "answer_label": label, "answer": TOY_OPTIONS[label],
-                         "reasoning": f"I look for a bright round spot in each half of the scan. There is one in {side}.",
+            label = "ABCD"[i % 4] if split == "test" else "ABCD"[rng.randrange(4)]
+            rows.append({"images": [toy_scan(rng, label)], "question": TOY_QUESTION, "options": json.dumps(TOY_OPTIONS),
+                         "answer_label": label, "answer": TOY_OPTIONS[label],
+                         "reasoning": f"The region is {TOY_LOOKS[label]}.",
                          "dataset_name": "toy", "dataset_index": i + (0 if split == "train" else args.train)})
         save_rows(rows, f"{args.out}/{split}")
         splits[split] = load_from_disk(f"{args.out}/{split}")

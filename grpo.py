@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--canary-max-gap", type=float, default=0.1, help="stop when mean |vLLM - trainer| log-prob exceeds this")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/grpo", help="output directory")
-    g.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end; 0: only at the end)")
     g.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0: all)")
     g.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     g.add_argument("--dump-every", type=int, default=10, help="write sampled rollouts every N steps")
@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
                                  f"average (> --canary-max-gap {args.canary_max_gap}): the weight sync is stale")
 
             # ---- checkpoint ----
-            if (step + 1) % args.save_every == 0 or step + 1 == total_steps:
+            if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
                 save(policy, optimizer, processor, args, step + 1)
 
             # ---- eval: evaluate.py's greedy run and summary on --eval-data ----

@@ -49,9 +49,16 @@ CACHE_DIR = Path(os.environ.get("MEDVLT_CACHE", Path.home() / ".cache" / "medvlt
 
 
 def resolve_model(name: str, seed: int = 0) -> str:
-    """An alias, `tiny`, a local path or a hub id -> what `from_pretrained` takes."""
+    """An alias, `tiny`, a local checkpoint, a run directory (its last complete checkpoint) or a hub
+    id -> what `from_pretrained` takes."""
     if name == "tiny":
         return str(build_tiny(CACHE_DIR / f"tiny-{TINY_VERSION}-seed{seed}", seed=seed))
+    run = Path(name)
+    if (run / "checkpoints").is_dir() and not (run / "config.json").exists():
+        done = sorted(p for p in (run / "checkpoints").glob("step_*") if (p / "trainer_state.json").exists())
+        if not done:
+            raise FileNotFoundError(f"{name}: a run directory with no complete checkpoint")
+        return str(done[-1])
     return MODEL_ALIASES.get(name, name)
 
 

@@ -154,3 +154,17 @@ def test_tiny_is_deterministic_per_seed(tmp_path):
 def test_aliases():
     assert model.resolve_model("qwen2.5-vl-7b") == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert model.resolve_model("some/local-dir") == "some/local-dir"
+
+
+def test_run_directory_resolves_to_its_last_complete_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        model.resolve_model(str(run))
+    for step, complete in ((9, True), (10, True), (11, False)):  # step 11 was being written when killed
+        d = run / "checkpoints" / f"step_{step:06d}"
+        d.mkdir()
+        if complete:
+            (d / "trainer_state.json").write_text("{}")
+    assert model.resolve_model(str(run)) == str(run / "checkpoints" / "step_000010")
+    assert model.resolve_model(str(run / "checkpoints" / "step_000009")) == str(run / "checkpoints" / "step_000009")
