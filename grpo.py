@@ -242,14 +242,12 @@ def main(argv: list[str] | None = None) -> None:
         M.print0(f"{len(indices)} rows, {steps_per_epoch} steps per epoch, {total_steps} steps, {world} ranks")
 
         # Policy: fp32 master weights, sharded; computes in --dtype. Reference: a frozen copy.
+        # Only rank 0 reads the checkpoint files; the other ranks get their shards from it.
         compute_dtype = getattr(torch, args.dtype)
-        policy = M.load_model(path, dtype=torch.float32)
-        if not args.no_gradient_checkpointing:
-            M.enable_gradient_checkpointing(policy)
-        M.shard_model(policy, param_dtype=compute_dtype)
+        policy = M.load_sharded_model(path, param_dtype=compute_dtype,
+                                      gradient_checkpointing=not args.no_gradient_checkpointing)
         if args.kl_coef > 0:
-            ref = M.shard_model(M.load_model(path, dtype=torch.float32), param_dtype=compute_dtype,
-                                cpu_offload=args.ref_offload)
+            ref = M.load_sharded_model(path, param_dtype=compute_dtype, cpu_offload=args.ref_offload)
             ref.requires_grad_(False)
         M.print0("reference model: " + ("frozen copy of the initial policy" if ref is not None else "none (--kl-coef 0)"))
         optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=tuple(args.betas),

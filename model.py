@@ -11,7 +11,9 @@ set-up and FSDP2, checkpoints, data loading. The rollout engines are in rollout.
 - `token_logprobs` computes per-token log-probs a chunk of tokens at a time, so the
   (tokens x 151,936) fp32 logits never exist all at once, forward or backward.
 - Distributed: `init_distributed`/`cleanup_distributed` work under `python` (a one-rank group) and
-  `torchrun`; `shard_model` is FSDP2, one unit per vision block and decoder layer, then the root.
+  `torchrun`; `shard_model` is FSDP2, one unit per vision block and decoder layer, then the root;
+  `load_sharded_model` reads the checkpoint on rank 0 alone and broadcasts it into the other ranks'
+  shards, which they built on the meta device.
 - Checkpoints are Hugging Face directories (transformers and vLLM load them as they are), written
   by rank 0 into a temporary directory and renamed into place, so a killed run never leaves a
   half-written checkpoint under the final name.
@@ -71,11 +73,23 @@ def load_processor(name: str):
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """The Qwen2.5-VL (or any image-text-to-text) model in `dtype`, SDPA attention, eval mode."""
-    from transformers import AutoModelForImageTextToText
+    """The Qwen2.5-VL (or any image-text-to-text) model in `dtype`, SDPA attention, eval mode.
 
-    model = AutoModelForImageTextToText.from_pretrained(resolve_model(name), dtype=dtype,
-                                                        attn_implementation="sdpa")
+    device="meta" builds the same model from config.json alone: no weights are read and its tensors
+    have shapes but no storage (load_sharded_model fills them in)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+
+    path = resolve_model(name)
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path), dtype=dtype,
+                                                            attn_implementation="sdpa")
+        try:  # the sampling defaults that from_pretrained reads too (generate uses them)
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:
+            pass
+        return model.eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval()
 
 
@@ -408,6 +422,52 @@ def shard_model(model, param_dtype: torch.dtype | None = None, reduce_dtype: tor
     register_fsdp_forward_method(model, "fsdp_token_logprobs")
     register_fsdp_forward_method(model, "generate")
     return model
+
+
+def load_sharded_model(name: str, param_dtype: torch.dtype | None = None, cpu_offload: bool = False,
+                       gradient_checkpointing: bool = False):
+    """The fp32 model, sharded by shard_model over all ranks, read from disk by rank 0 alone.
+
+    The other ranks build it on the meta device (no memory, no file read), shard that, and receive their
+    shards from rank 0 one tensor at a time, so host memory holds one full fp32 copy in the whole job
+    instead of one per rank (32B: 134 GB, ~1 TB on a node of 8 ranks). Rank 0 holds the full copy
+    plus its shards until the broadcast is done. Global rank 0, not one reader per node: it is what
+    torch.distributed.checkpoint's broadcast_from_rank0 does, the files are read once, and the
+    interconnect is faster than every node's disk. Under plain `python` (one rank) this is
+    load_model then shard_model, nothing more."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = load_model(name, torch.float32, device="cpu" if rank == 0 else "meta")
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    full = model.state_dict() if rank == 0 and world > 1 else {}  # the full tensors, kept past sharding
+    shard_model(model, param_dtype, cpu_offload=cpu_offload)
+    if world > 1:
+        _fill_from_rank0(model, full, cpu_offload)
+    return model
+
+
+def _fill_from_rank0(model, full: dict, cpu_offload: bool) -> None:
+    """Every rank: rank 0's `full` state dict (empty elsewhere) into the FSDP2 shards, then every
+    buffer from rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    # Untested branch: with a GPU the shards and buffers go to it (as fully_shard put rank 0's) and
+    # the broadcasts run over NCCL; this was only ever run on CPU with gloo.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if dist.get_rank() != 0:
+        # Storage, uninitialised, for the meta shards where FSDP2 keeps them (host memory under CPU
+        # offload); buffers are not sharded and live on the device, where fully_shard put rank 0's.
+        model.to_empty(device="cpu" if cpu_offload else device)
+        for name, buf in list(model.named_buffers()):
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, torch.empty_like(buf, device=device))
+    # Parameters (and persistent buffers): rank 0 broadcasts each full tensor, every rank keeps its shard.
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # Non-persistent buffers, such as the rotary inv_freq of the language model and of the vision
+    # tower, are in no state dict and hold garbage after to_empty: rank 0's, computed by
+    # from_pretrained, are copied as they are (a few KB), so every rank has exactly a plain load's.
+    for buf in model.buffers():
+        dist.broadcast(buf, src=0)
 
 
 def clip_and_step(model, optimizer, max_norm: float, step: int) -> float:

@@ -168,10 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         M.print0(f"{len(usable)} rows, {steps_per_epoch} steps per epoch x {args.epochs} epochs, "
                  f"{world} ranks x {args.micro_batch} sequences x {accum} accumulation")
 
-        policy = M.load_model(path, dtype=torch.float32).train()
-        if not args.no_gradient_checkpointing:
-            M.enable_gradient_checkpointing(policy)
-        M.shard_model(policy, param_dtype=getattr(torch, args.dtype))
+        policy = M.load_sharded_model(path, param_dtype=getattr(torch, args.dtype),
+                                      gradient_checkpointing=not args.no_gradient_checkpointing).train()
         optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=tuple(args.betas),
                                       weight_decay=args.weight_decay)
         start = M.load_training_checkpoint(policy, optimizer, out / "checkpoints") if args.resume else 0

@@ -1,9 +1,12 @@
 """Run by test_fsdp.py as `torchrun --nproc_per_node 2 tests/fsdp_worker.py TINY_PATH OUT_DIR`.
 
-Every rank trains the FSDP2-sharded tiny model (gradient checkpointing on) for 3 AdamW steps on its
-own micro-batch, with the loss built on model.token_logprobs. Rank 0 then trains an unsharded copy
-on all ranks' micro-batches (loss = mean over ranks, which is what FSDP's gradient averaging
-computes) and compares: gathered weights, and the checkpoint that save_checkpoint wrote.
+Every rank loads the FSDP2-sharded tiny model through model.load_sharded_model (rank 0 reads the
+files, rank 1 builds the model on the meta device and gets its shards from rank 0), then trains it
+(gradient checkpointing on) for 3 AdamW steps on its own micro-batch, with the loss built on
+model.token_logprobs. Rank 0 then trains an unsharded copy on all ranks' micro-batches (loss = mean
+over ranks, which is what FSDP's gradient averaging computes) and compares: the weights and every
+rank's buffers right after loading with a plain load_model, the gathered trained weights, and the
+checkpoint that save_checkpoint wrote.
 """
 import json
 import sys
@@ -50,9 +53,11 @@ def main() -> None:
     rank, world, _ = model.init_distributed()
     try:
         processor = model.load_processor(tiny)
-        policy = model.load_model(tiny).train()
-        model.enable_gradient_checkpointing(policy)
-        model.shard_model(policy)
+        policy = model.load_sharded_model(tiny, gradient_checkpointing=True).train()  # rank 1: meta, then rank 0's
+        loaded = {k: v.clone() for k, v in model.full_state_items(policy)}  # gathered, on every rank
+        buffers = [None] * world  # every rank's own buffers, non-persistent ones (rotary inv_freq) included
+        torch.distributed.all_gather_object(buffers, ({k: v.clone() for k, v in policy.named_buffers()},
+                                                      policy.generation_config.to_dict()))
         norms = train(policy, [[micro_batch(processor, s, rank)] for s in range(STEPS)])
         sharded = {k: v.clone() for k, v in model.full_state_items(policy)}
         model.save_checkpoint(policy, processor, out / "ckpt", {"step": STEPS}, dtype=torch.float32)
@@ -60,10 +65,17 @@ def main() -> None:
         if rank == 0:
             ref = model.load_model(tiny).train()
             ref_norms = train(ref, [[micro_batch(processor, s, r) for r in range(world)] for s in range(STEPS)])
-            init = model.load_model(tiny).state_dict()
+            plain = model.load_model(tiny)  # what every rank held before sharding, before this change
+            init, plain_buffers = plain.state_dict(), dict(plain.named_buffers())
             saved = model.load_model(str(out / "ckpt")).state_dict()
             ref_sd = ref.state_dict()
             result = {
+                "load_identical": sum(torch.equal(loaded[k], init[k]) for k in init if k in loaded),
+                "load_keys_equal": set(loaded) == set(init),
+                "buffers": len(plain_buffers),
+                "buffers_identical": [sum(torch.equal(b[k], plain_buffers[k]) for k in plain_buffers)
+                                      if set(b) == set(plain_buffers) else -1 for b, _ in buffers],
+                "generation_config_equal": [g == plain.generation_config.to_dict() for _, g in buffers],
                 "world": world, "norms": norms, "ref_norms": ref_norms,
                 "keys_equal": set(sharded) == set(ref_sd) == set(saved),
                 "identical": sum(torch.equal(sharded[k], ref_sd[k]) for k in ref_sd),
