@@ -11,10 +11,14 @@ completion tokens (end-of-turn tokens are never sampled, so every completion has
 both samplers are also restricted to rollout.ALLOWED_TOKEN_IDS), one AdamW update per step with
 grpo.py's defaults (lr 1e-6, betas (0.9, 0.999), weight decay 0.01, clip 1.0), KL coefficient
 0.01 to the frozen initial model, clip 0.2, token mean within each micro-batch (ours
-token-microbatch, TRL's loss_type "bnpo"), fp32, gradient checkpointing on.
+token-microbatch, TRL's loss_type "bnpo"), fp32 weights and compute (bf16 compute on fp32 master
+weights in the *-bf16 configurations: grpo.py --dtype bfloat16, TRL bf16=True; vLLM stays fp32),
+gradient checkpointing on unless a configuration says otherwise.
 
 Seconds per step: the time between consecutive step lines of the child's stdout, the first
---skip steps left out (start-up, first-call warm-ups). Peak RSS: the largest sum of VmRSS over the
+--skip steps left out (start-up, first-call warm-ups); CPU seconds per step likewise from the
+user + system time of the child's process tree, which barely moves when other work shares the
+cores (so the best configuration is picked by it). Peak RSS: the largest sum of VmRSS over the
 child and all its descendants, polled every 0.1 s (vLLM runs in-process here, but the sum
 covers workers where there are any).
 
@@ -53,11 +57,13 @@ CONFIGS = {
     "ours-mb64":             ("ours", dict(micro_batch=64, threads=1, jemalloc=False, gc=True)),
     "ours-mb4":              ("ours", dict(micro_batch=4, threads=1, jemalloc=False, gc=True)),
     "ours-mb2":              ("ours", dict(micro_batch=2, threads=1, jemalloc=False, gc=True)),
+    "ours-bf16":             ("ours", dict(micro_batch=8, threads=1, jemalloc=False, gc=True, bf16=True)),
     "ours-nogc":             ("ours", dict(micro_batch=8, threads=1, jemalloc=False, gc=False)),
     "trl-hf-mb8":            ("trl", dict(micro_batch=8, threads=1, jemalloc=False, gc=True, rollout="hf")),
     "trl-hf-mb8-jemalloc":   ("trl", dict(micro_batch=8, threads=1, jemalloc=True, gc=True, rollout="hf", best=True)),
     "trl-hf-mb64-jemalloc":  ("trl", dict(micro_batch=64, threads=1, jemalloc=True, gc=True, rollout="hf")),
     "trl-hf-nogc-jemalloc":  ("trl", dict(micro_batch=8, threads=1, jemalloc=True, gc=False, rollout="hf")),
+    "trl-hf-bf16-jemalloc":  ("trl", dict(micro_batch=8, threads=1, jemalloc=True, gc=True, rollout="hf", bf16=True)),
     "trl-hf-2threads-jemalloc": ("trl", dict(micro_batch=8, threads=2, jemalloc=True, gc=True, rollout="hf")),
     "trl-vllm-mb8-jemalloc": ("trl", dict(micro_batch=8, threads=1, jemalloc=True, gc=True, rollout="vllm")),
 }
@@ -85,7 +91,7 @@ def run_ours(args) -> None:
                "--prompts-per-step", str(args.prompts), "--group-size", str(args.n), "--mini-batch", str(args.prompts),
                "--micro-batch", str(args.micro_batch), "--max-response-tokens", str(args.tokens),
                "--max-steps", str(args.steps), "--save-every", "1000000", "--dump-every", "0", "--out", args.out]
-              + ([] if args.gc else ["--no-gradient-checkpointing"]))
+              + ([] if args.gc else ["--no-gradient-checkpointing"]) + (["--dtype", "bfloat16"] if args.bf16 else []))
 
 
 def run_trl(args) -> None:
@@ -129,7 +135,7 @@ def run_trl(args) -> None:
         max_completion_length=args.tokens, temperature=1.0, top_p=1.0, top_k=0,
         learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.999,
         weight_decay=0.01, max_grad_norm=1.0, beta=0.01, epsilon=0.2, loss_type="bnpo", num_iterations=1,
-        bf16=False, gradient_checkpointing=args.gc, use_cpu=True, model_init_kwargs={"dtype": torch.float32},
+        bf16=bool(args.bf16), gradient_checkpointing=args.gc, use_cpu=True, model_init_kwargs={"dtype": torch.float32},
         use_vllm=args.rollout == "vllm", vllm_mode="colocate", vllm_max_model_length=2048 + args.tokens,
         generation_kwargs=generation_kwargs, logging_steps=1, report_to="none", save_strategy="no",
         log_completions=False, seed=42, dataloader_num_workers=0)
@@ -190,8 +196,8 @@ def measure(name: str, args) -> dict:
     out = tempfile.mkdtemp(prefix=f"grpo-vs-trl-{name}-")
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", side, "--data", args.data, "--out", out,
            "--micro-batch", str(opts["micro_batch"]), "--rollout", opts.get("rollout", "vllm"),
-           "--gc", str(int(opts["gc"])), "--steps", str(args.steps), "--prompts", str(args.prompts), "--n", str(args.n),
-           "--tokens", str(args.tokens)]
+           "--gc", str(int(opts["gc"])), "--bf16", str(int(opts.get("bf16", False))), "--steps", str(args.steps),
+           "--prompts", str(args.prompts), "--n", str(args.n), "--tokens", str(args.tokens)]
     start = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     peak, done = [0], threading.Event()
@@ -250,6 +256,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=8, help=argparse.SUPPRESS)
     p.add_argument("--rollout", default="vllm", help=argparse.SUPPRESS)
     p.add_argument("--gc", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--bf16", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return (run_ours if args.worker == "ours" else run_trl)(args)
@@ -277,13 +284,14 @@ def print_table(results: list[dict], args) -> None:
     ok = [r for r in results if r not in failed]
     best = {side: min((r for r in ok if r["side"] == side), key=lambda r: r["cpu_s_per_step"], default=None)
             for side in ("ours", "trl")}
-    print(f"\n{args.prompts} prompts x {args.n} completions x {args.tokens} tokens per step, tiny model fp32, "
+    print(f"\n{args.prompts} prompts x {args.n} completions x {args.tokens} tokens per step, tiny model (fp32 weights), "
           f"mean over steps {args.skip + 1}..{args.steps}")
-    print("| configuration | micro-batch | threads | jemalloc | grad. ckpt | s/step (min-max) | CPU s/step | "
+    print("| configuration | micro-batch | threads | jemalloc | grad. ckpt | compute | s/step (min-max) | CPU s/step | "
           "first step s | peak RSS GB | mean len |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        cells = [r["name"], r["micro_batch"], r["threads"], "yes" if r["jemalloc"] else "no", "on" if r["gc"] else "off"]
+        cells = [r["name"], r["micro_batch"], r["threads"], "yes" if r["jemalloc"] else "no", "on" if r["gc"] else "off",
+                 "bf16" if r.get("bf16") else "fp32"]
         if r in failed:
             cells += [f"failed (rc {r['rc']})", "", "", f"{r['peak_rss_gb']:.2f}", ""]
         else:

@@ -44,16 +44,16 @@ def measure_one(way: str, length: int, hidden: int, chunk_tokens: int) -> dict:
     class Head(torch.nn.Module):
         """Stands in for Qwen2.5-VL in model.token_logprobs: .model(...) gives the hidden states."""
 
-        def __init__(self, tokens: int):
+        def __init__(self, tokens: int, vocab: int = VOCAB):
             super().__init__()
-            self.lm_head = torch.nn.Linear(hidden, VOCAB, bias=False)
+            self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
             self.hidden = torch.nn.Parameter(torch.randn(1, tokens, hidden))
             self.model = lambda **_: SimpleNamespace(last_hidden_state=self.hidden)
 
-    def batch_of(tokens: int) -> dict:
+    def batch_of(tokens: int, vocab: int = VOCAB) -> dict:
         mask = torch.ones(1, tokens, dtype=torch.bool)
         mask[0, 0] = False  # one prompt token, then the completion
-        return {"input_ids": torch.randint(0, 151643, (1, tokens)), "completion_mask": mask}
+        return {"input_ids": torch.randint(0, min(vocab, 151643), (1, tokens)), "completion_mask": mask}
 
     def naive(m, batch) -> torch.Tensor:
         logits = m.lm_head(m.hidden).float()                                          # (1, T, V)
@@ -64,8 +64,10 @@ def measure_one(way: str, length: int, hidden: int, chunk_tokens: int) -> dict:
         out = naive(m, batch) if way == "naive" else model.token_logprobs(m, batch, chunk_tokens=chunk_tokens)
         out.sum().backward()
 
-    warm = Head(17)
-    run(warm, batch_of(17))  # first-call allocations and kernels, outside the measurement
+    # First-call kernels and allocator set-up outside the measurement, on a small vocabulary: a
+    # full-size warm-up would leave its own weight and gradient in the high-water mark.
+    warm = Head(17, vocab=1024)
+    run(warm, batch_of(17, vocab=1024))
     del warm
     m, batch = Head(length + 1), batch_of(length + 1)
     before = resource.getrusage(resource.RUSAGE_SELF)
@@ -85,12 +87,17 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=128, help="hidden size (128: the tiny model; 2048: Qwen2.5-VL-3B)")
     p.add_argument("--chunks", type=int, nargs="+", default=[1024, 256], help="chunk_tokens values (1024: the default)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--table", default=None, help="only print the table of results saved with --json")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         way, length, hidden, chunk = args.child
         print(json.dumps(measure_one(way, int(length), int(hidden), int(chunk))))
         return
+    if args.table:
+        saved = json.loads(Path(args.table).read_text())
+        return print_table({(r["length"], r["way"], r["chunk_tokens"]): r for r in saved}, args.lengths, args.chunks,
+                           saved[0]["hidden"], os.environ.get("OMP_NUM_THREADS", "1"))
 
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     results = {}
@@ -103,20 +110,24 @@ def main() -> None:
             print(json.dumps(r), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(list(results.values()), indent=2))
+    print_table(results, args.lengths, args.chunks, args.hidden, env["OMP_NUM_THREADS"])
 
-    print(f"\nper-token log-probs, forward + backward, vocabulary {VOCAB:,}, hidden {args.hidden}, fp32, "
-          f"threads {env['OMP_NUM_THREADS']}; peak RSS increase (MB) and seconds, each in a fresh process")
-    head = " | ".join(f"chunked {c}: MB | s (CPU s) | naive/chunked MB" for c in args.chunks)
+
+def print_table(results: dict, lengths: list[int], chunks: list[int], hidden: int, threads: str) -> None:
+    print(f"\nper-token log-probs, forward + backward, vocabulary {VOCAB:,}, hidden {hidden}, fp32, "
+          f"threads {threads}; peak RSS increase (MB) and seconds, each in a fresh process")
+    head = " | ".join(f"chunked {c}: MB | s (CPU s) | naive/chunked MB" for c in chunks)
     print(f"| completion tokens | naive: MB | s (CPU s) | {head} |")
-    print("|---|---|---|" + "---|---|---|" * len(args.chunks))
-    for length in args.lengths:
+    print("|---|---|---|" + "---|---|---|" * len(chunks))
+    for length in lengths:
         n = results[length, "naive", 0]
         cells = []
-        for c in args.chunks:
+        for c in chunks:
             r = results[length, "chunked", c]
             cells.append(f"{r['increase_mb']:,.0f} | {r['seconds']:.2f} ({r['cpu_seconds']:.2f}) | "
                          f"{n['increase_mb'] / max(r['increase_mb'], 1):.1f}x")
-        print(f"| {length} | {n['increase_mb']:,.0f} | {n['seconds']:.2f} ({n['cpu_seconds']:.2f}) | " + " | ".join(cells) + " |")
+        naive_cells = f"{n['increase_mb']:,.0f} | {n['seconds']:.2f} ({n['cpu_seconds']:.2f})"
+        print(f"| {length} | {naive_cells} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def build_random(hidden: int, layers: int, out: Path) -> str:
     t = head_dim // 8  # mrope_section in Qwen's 2:3:3 ratio, summing to head_dim / 2
     text.update(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=min(2, heads), layer_types=["full_attention"] * layers)
-    text["rope_parameters"]["mrope_section"] = [t, (head_dim // 2 - t) // 2, head_dim // 2 - t - (head_dim // 2 - t) // 2]
+    rest = head_dim // 2 - t
+    text["rope_parameters"]["mrope_section"] = [t, rest // 2, rest - rest // 2]
     config["vision_config"].update(depth=4, hidden_size=256, intermediate_size=512, num_heads=4,
                                    fullatt_block_indexes=[1, 3], out_hidden_size=hidden)
     torch.manual_seed(0)
@@ -145,11 +146,14 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=["tiny", "512x4", "1024x8"], help="tiny or HIDDENxLAYERS")
     p.add_argument("--repeats", type=int, default=3, help="timed syncs per way")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--table", default=None, help="only print the table of results saved with --json")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print("RESULT " + json.dumps(measure_one(args.child, args.repeats)), flush=True)
         return
+    if args.table:
+        return print_table(json.loads(Path(args.table).read_text()), args.repeats, os.environ.get("OMP_NUM_THREADS", "1"))
 
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     results = []
@@ -163,17 +167,20 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    print_table(results, args.repeats, env["OMP_NUM_THREADS"])
 
-    print(f"\nvLLM weight sync (in-process vLLM, fp32, FSDP2 policy on 1 rank), threads {env['OMP_NUM_THREADS']}; "
-          f"best of {args.repeats} after a warm-up (mean), CPU seconds of the best, extra RSS during the syncs")
-    print("| model | params | fp32 GB | streamed s (mean) | CPU s | extra RSS MB | full copy s (mean) | CPU s | extra RSS MB | "
-          "log-prob gap after sync |")
+
+def print_table(results: list[dict], repeats: int, threads: str) -> None:
+    print(f"\nvLLM weight sync (in-process vLLM, fp32, FSDP2 policy on 1 rank), threads {threads}; "
+          f"best of {repeats} after a warm-up (mean), CPU seconds of the best, extra RSS during the syncs")
+    print("| model | params | fp32 GiB | streamed s (mean) | CPU s | extra RSS MiB | full copy s (mean) | CPU s | "
+          "extra RSS MiB | log-prob gap after sync |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        s, f = r["streamed"], r["full copy"]
-        print(f"| {r['size']} | {r['params'] / 1e6:.1f} M | {r['bytes_fp32'] / 2**30:.2f} | {s['best_s']:.3f} ({s['mean_s']:.3f}) | "
-              f"{s['best_cpu_s']:.3f} | {s['extra_rss_mb']:,.0f} | {f['best_s']:.3f} ({f['mean_s']:.3f}) | {f['best_cpu_s']:.3f} | "
-              f"{f['extra_rss_mb']:,.0f} | {r['max_logprob_gap_after_sync']:.1e} |")
+        cells = [r["size"], f"{r['params'] / 1e6:.1f} M", f"{r['bytes_fp32'] / 2**30:.2f}"]
+        for way in (r["streamed"], r["full copy"]):
+            cells += [f"{way['best_s']:.3f} ({way['mean_s']:.3f})", f"{way['best_cpu_s']:.3f}", f"{way['extra_rss_mb']:,.0f}"]
+        print("| " + " | ".join(cells + [f"{r['max_logprob_gap_after_sync']:.1e}"]) + " |")
 
 
 if __name__ == "__main__":
