@@ -287,7 +287,7 @@ def print_table(results: list[dict], args) -> None:
     print(f"\n{args.prompts} prompts x {args.n} completions x {args.tokens} tokens per step, tiny model (fp32 weights), "
           f"mean over steps {args.skip + 1}..{args.steps}")
     print("| configuration | micro-batch | threads | jemalloc | grad. ckpt | compute | s/step (min-max) | CPU s/step | "
-          "first step s | peak RSS GB | mean len |")
+          "first step s | peak RSS GiB | mean len |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         cells = [r["name"], r["micro_batch"], r["threads"], "yes" if r["jemalloc"] else "no", "on" if r["gc"] else "off",

@@ -115,9 +115,9 @@ def main() -> None:
 
 def print_table(results: dict, lengths: list[int], chunks: list[int], hidden: int, threads: str) -> None:
     print(f"\nper-token log-probs, forward + backward, vocabulary {VOCAB:,}, hidden {hidden}, fp32, "
-          f"threads {threads}; peak RSS increase (MB) and seconds, each in a fresh process")
-    head = " | ".join(f"chunked {c}: MB | s (CPU s) | naive/chunked MB" for c in chunks)
-    print(f"| completion tokens | naive: MB | s (CPU s) | {head} |")
+          f"threads {threads}; peak RSS increase (MiB) and seconds, each in a fresh process")
+    head = " | ".join(f"chunked {c}: MiB | s (CPU s) | naive/chunked" for c in chunks)
+    print(f"| completion tokens | naive: MiB | s (CPU s) | {head} |")
     print("|---|---|---|" + "---|---|---|" * len(chunks))
     for length in lengths:
         n = results[length, "naive", 0]
