@@ -283,33 +283,35 @@ def distill(args) -> None:
 
 # ---- the toy dataset of the demo ----
 # A CT-like region of interest filled with one tissue; the question is the same for every row, so
-# only the image tells the answer. The tissue sets the grey level of the whole field (fat darkest,
-# bone brightest, as on CT): a property of every visual token, which a tiny model learns on CPU in
-# minutes, unlike "where is the lesion" (the tiny model's rotary positions barely separate left
-# from right at 4x4 visual tokens, and it stayed at chance after 13 minutes of SFT).
+# only the image tells the answer. Two properties of every visual token decide it: the grey level
+# (fat and lung dark, liver and bone bright) and the texture (lung and bone speckled, fat and
+# liver smooth). A tiny model learns such whole-image properties on CPU in minutes; it did not learn
+# "where is the lesion" (at 4x4 visual tokens its rotary positions barely tell left from right).
+# The `sft` split holds traces of a simulated imperfect teacher that judges the grey level right
+# but guesses the texture: SFT on them stops near 50%, and GRPO's verifiable reward on `train`
+# (true labels) has something to correct.
 
-TOY_OPTIONS = {"A": "Fat", "B": "Fluid", "C": "Soft tissue", "D": "Bone"}
-TOY_LOOKS = {"A": "very dark", "B": "dark grey", "C": "light grey", "D": "bright"}
-TOY_GREY = {"A": 50, "B": 95, "C": 140, "D": 185}  # mean grey level of each tissue; +-8 per image
+TOY_OPTIONS = {"A": "Fat", "B": "Lung", "C": "Liver", "D": "Bone"}
+TOY_REASONING = "I compare the grey level and the texture of the region with the CT tissue scale."
 TOY_QUESTION = "This is a region of interest cropped from a CT scan. Which tissue fills it?"
 
 
 def toy_scan(rng: random.Random, label: str, size: int = 112) -> Image.Image:
-    """A textured field at the tissue's grey level, with a few darker vessel-like lines."""
-    grey = TOY_GREY[label] + rng.randint(-8, 8)
+    """A dark (A, B) or bright (C, D) field, speckled (B, D) or smooth (A, C)."""
+    grey = (60 if label in "AB" else 165) + rng.randint(-10, 10)
     image = Image.new("L", (size, size), grey)
     draw = ImageDraw.Draw(image)
-    for _ in range(40):  # texture: blobs a little darker or brighter than the tissue
-        x, y, r = rng.randrange(size), rng.randrange(size), rng.randint(2, 6)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=grey + rng.randint(-25, 25))
-    for _ in range(rng.randint(1, 3)):  # vessels
-        draw.line([rng.randrange(size), rng.randrange(size), rng.randrange(size), rng.randrange(size)],
-                  fill=max(0, grey - 35), width=rng.randint(1, 3))
-    return image.filter(ImageFilter.GaussianBlur(1)).convert("RGB")
+    speckled = label in "BD"
+    for _ in range(400 if speckled else 12):
+        x, y = rng.randrange(size), rng.randrange(size)
+        r = rng.randint(1, 2) if speckled else rng.randint(8, 16)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=grey + rng.randint(-50, 50) if speckled else grey + rng.randint(-15, 15))
+    return image.filter(ImageFilter.GaussianBlur(0.6 if speckled else 3)).convert("RGB")
 
 
 def toy(args) -> None:
-    """Deterministic rows with balanced labels and short template reasoning traces for SFT."""
+    """Deterministic rows with balanced labels: train (true labels), test, and sft (the train images
+    with the imperfect teacher's answers and a template reasoning trace)."""
     from datasets import DatasetDict, load_from_disk
 
     rng = random.Random(args.seed)
@@ -319,13 +321,18 @@ def toy(args) -> None:
         for i in range(count):
             label = "ABCD"[i % 4] if split == "test" else "ABCD"[rng.randrange(4)]
             rows.append({"images": [toy_scan(rng, label)], "question": TOY_QUESTION, "options": json.dumps(TOY_OPTIONS),
-                         "answer_label": label, "answer": TOY_OPTIONS[label],
-                         "reasoning": f"The region is {TOY_LOOKS[label]}.",
+                         "answer_label": label, "answer": TOY_OPTIONS[label], "reasoning": TOY_REASONING,
                          "dataset_name": "toy", "dataset_index": i + (0 if split == "train" else args.train)})
         save_rows(rows, f"{args.out}/{split}")
         splits[split] = load_from_disk(f"{args.out}/{split}")
+    teacher = []  # grey level right, texture a coin flip
+    for row in splits["train"]:
+        label = ("AB" if row["answer_label"] in "AB" else "CD")[rng.randrange(2)]
+        teacher.append(dict(row, answer_label=label, answer=TOY_OPTIONS[label]))
+    save_rows(teacher, f"{args.out}/sft")
+    splits["sft"] = load_from_disk(f"{args.out}/sft")
     DatasetDict(splits).save_to_disk(f"{args.out}/all")
-    print(f"toy data: {args.train} train and {args.test} test rows -> {args.out}/{{train,test,all}}")
+    print(f"toy data: {args.train} train, {args.test} test and {args.train} sft rows -> {args.out}/{{train,test,sft,all}}")
 
 
 # ---- command line ----

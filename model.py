@@ -56,7 +56,7 @@ def resolve_model(name: str, seed: int = 0) -> str:
     if name == "tiny":
         return str(build_tiny(CACHE_DIR / f"tiny-{TINY_VERSION}-seed{seed}", seed=seed))
     run = Path(name)
-    if (run / "checkpoints").is_dir() and not (run / "config.json").exists():
+    if (run / "checkpoints").is_dir():  # a run's own config.json is its flags, not a model's
         done = sorted(p for p in (run / "checkpoints").glob("step_*") if (p / "trainer_state.json").exists())
         if not done:
             raise FileNotFoundError(f"{name}: a run directory with no complete checkpoint")

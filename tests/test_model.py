@@ -159,6 +159,7 @@ def test_aliases():
 def test_run_directory_resolves_to_its_last_complete_checkpoint(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")  # the stages save their flags there
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         model.resolve_model(str(run))
     for step, complete in ((9, True), (10, True), (11, False)):  # step 11 was being written when killed
