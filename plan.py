@@ -30,8 +30,8 @@ What is counted, per GPU (B sequences of T tokens per micro-batch, P parameters,
   reserve    RESERVE_GIB for the CUDA context, NCCL buffers and allocator fragmentation.
 The update's peak is the largest of three moments of a micro-batch's backward (plan_memory): the
 log-prob head's backward, a layer's backward, and the root unit's reduce-scatter.
-Host memory per node: every rank reads the full fp32 model before sharding it (at start-up), the
-offloaded reference shards, vLLM's slept weights, and rank 0's gathered checkpoint.
+Host memory per node: at start-up rank 0 reads the full fp32 model and scatters it into the other
+ranks' shards (model.load_sharded_model; node 0 is the worst node), the offloaded reference shards, vLLM's slept weights, and rank 0's gathered checkpoint.
 
 Images are assumed to fill the prompt (GRPO: --max-prompt-tokens image tokens per sequence, each
 of spatial_merge_size^2 patches), the worst case; text and image positions are both B*T.
@@ -348,7 +348,7 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
             problems.append(f"the {ph} phase needs {need:.1f} GiB per GPU, more than the {r.gpu_gib:g} GiB there are")
     # host memory, per node
     k = min(r.ranks_per_node, W)
-    host = [(f"start-up: {k} ranks each read the full fp32 model before sharding", k * 4 * P / GiB),
+    host = [(f"start-up: rank 0 reads the full fp32 model, {k} ranks hold fp32 shards", (4 * P + k * 4 * P / W) / GiB),
             ("rank 0 gathers a checkpoint (compute dtype)", c * P / GiB)]
     if r.ref == "host":
         host.append(("reference model shards (--ref-offload)", k * 4 * P / W / GiB))
