@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -222,6 +223,7 @@ def measure(name: str, args) -> dict:
                 lengths.append(json.loads(line[8:]).get("completions/mean_length", float("nan")))
     child.wait()
     done.set()
+    shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)  # grpo.py's final save: ~0.6 GB, not needed
     total = time.perf_counter() - start
     steps = [b - a for a, b in zip(stamps, stamps[1:])][max(args.skip - 1, 0):]  # step k = stamp k - stamp k-1
     cpu_steps = [b - a for a, b in zip(cpu, cpu[1:])][max(args.skip - 1, 0):]
