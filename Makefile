@@ -25,8 +25,8 @@ $(STAMP): requirements-cpu.txt tools/torchvision_cpu_shim.py
 test: env
 	$(BIN)/python -m pytest -q --log-level=INFO tests
 
-# The embedded default: toy data -> SFT -> eval -> GRPO -> eval, the tiny model on CPU, about 10
-# minutes. The same scripts and flags as on GPUs; the sizes and the tiny model's learning rates
+# The embedded default: toy data -> SFT -> eval -> GRPO -> eval, the tiny model on CPU (its sizes
+# are still being tuned: README.md, Quick start). The same scripts and flags as on GPUs; the sizes and the tiny model's learning rates
 # differ. SFT learns from an imperfect teacher's traces (data/sft: right about the grey level,
 # guessing the texture); GRPO's reward uses the true labels (data/train). Outputs under $(DEMO)/;
 # the closing table is $(DEMO)/report.md. `make demo DEMO_GRPO_STEPS=4` and the like shrink it.
@@ -36,7 +36,7 @@ DEMO_TEST ?= 128
 DEMO_GRPO_STEPS ?= 24
 DEMO_EVAL_EVERY ?= 6
 DEMO_SFT = --global-batch 8 --micro-batch 8 --epochs 1 --lr 3e-3
-DEMO_GRPO = --prompts-per-step 8 --group-size 8 --mini-batch 4 --micro-batch 16 --lr 1e-3 --max-response-tokens 64 \
+DEMO_GRPO = --prompts-per-step 8 --group-size 8 --mini-batch 4 --micro-batch 16 --lr 3e-4 --max-response-tokens 64 \
 	--max-steps $(DEMO_GRPO_STEPS) --eval-data $(DEMO)/data/test --eval-every $(DEMO_EVAL_EVERY) --save-every 0 --vllm-dtype float32
 RUN := OMP_NUM_THREADS=2 $(BIN)/python
 demo: env
@@ -46,11 +46,11 @@ demo: env
 	@echo "== 2/6 SFT on the imperfect teacher's traces: the answer format and the grey level"
 	$(RUN) sft.py --model tiny --data $(DEMO)/data/sft $(DEMO_SFT) --out $(DEMO)/sft
 	@echo "== 3/6 evaluate the SFT model on the test split (greedy)"
-	$(RUN) evaluate.py --model $(DEMO)/sft --data $(DEMO)/data/test --vllm-dtype float32 --out $(DEMO)/eval-sft
+	$(RUN) evaluate.py --model $(DEMO)/sft --data $(DEMO)/data/test --vllm-dtype float32 --max-new-tokens 64 --out $(DEMO)/eval-sft
 	@echo "== 4/6 GRPO from the SFT model with the true labels' reward: vLLM rollouts, group advantages, clipped loss + KL"
 	$(RUN) grpo.py --model $(DEMO)/sft --data $(DEMO)/data/train $(DEMO_GRPO) --out $(DEMO)/grpo
 	@echo "== 5/6 evaluate the GRPO model on the test split (greedy)"
-	$(RUN) evaluate.py --model $(DEMO)/grpo --data $(DEMO)/data/test --vllm-dtype float32 --out $(DEMO)/eval-grpo
+	$(RUN) evaluate.py --model $(DEMO)/grpo --data $(DEMO)/data/test --vllm-dtype float32 --max-new-tokens 64 --out $(DEMO)/eval-grpo
 	@echo "== 6/6 before / after"
 	$(BIN)/python tools/demo_report.py $(DEMO)
 
