@@ -57,7 +57,7 @@ def resolve_model(name: str, seed: int = 0) -> str:
         return str(build_tiny(CACHE_DIR / f"tiny-{TINY_VERSION}-seed{seed}", seed=seed))
     run = Path(name)
     if (run / "checkpoints").is_dir():  # a run's own config.json is its flags, not a model's
-        done = sorted(p for p in (run / "checkpoints").glob("step_*") if (p / "trainer_state.json").exists())
+        done = complete_checkpoints(run / "checkpoints")
         if not done:
             raise FileNotFoundError(f"{name}: a run directory with no complete checkpoint")
         return str(done[-1])
@@ -558,13 +558,19 @@ def save_training_checkpoint(model, optimizer, processor, path: Path, meta: dict
             shutil.rmtree(old)
 
 
+def complete_checkpoints(checkpoints: Path) -> list[Path]:
+    """The `step_*` checkpoints under `checkpoints` whose trainer_state.json (written last) exists,
+    oldest first; one killed mid-save has none and is left out."""
+    return sorted(p for p in checkpoints.glob("step_*") if (p / "trainer_state.json").exists())
+
+
 def load_training_checkpoint(model, optimizer, checkpoints: Path) -> int:
     """Load the last complete `step_*` checkpoint under `checkpoints` into the sharded model and the
     optimizer; return its step (0 when there is none). Incomplete ones are `.partial` and ignored."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    done = sorted(p for p in checkpoints.glob("step_*") if (p / "trainer_state.json").exists())
+    done = complete_checkpoints(checkpoints)
     if not done:
         print0(f"resume: no checkpoint in {checkpoints}, starting at step 0")
         return 0
