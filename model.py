@@ -36,7 +36,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.checkpoint import checkpoint
 
 from reward import options_dict
 
@@ -312,12 +311,47 @@ def to_device(batch: dict, device: torch.device | str) -> dict:
 MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float()  # (n, V) fp32: the only full-vocab tensors are per chunk
-    if temperature != 1.0:
-        logits = logits / temperature
-    return logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)  # (n,)
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()  # (n, V) fp32
+    return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+class LinearLogprobs(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T / temperature)[targets] for N tokens, `chunk` tokens at a time.
+
+    Plain autograd would keep every chunk's (chunk x V) logits until backward; checkpointing each
+    chunk instead makes autograd build one fresh V x H weight gradient per chunk and sum them. Here
+    backward recomputes a chunk's logits, turns them in place into their gradient
+    (g / T * (onehot(target) - softmax)) and adds the chunk's share of the weight gradient into one
+    buffer: the peak is about two chunks of fp32 logits plus one V x H gradient, whatever N is."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature: float, chunk: int):  # (N, H), (V, H), (N,)
+        out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+        for i in range(0, len(targets), chunk):
+            logits = _chunk_logits(hidden[i:i + chunk], weight, temperature)
+            out[i:i + chunk] = logits.gather(-1, targets[i:i + chunk, None])[:, 0] - torch.logsumexp(logits, -1)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None
+        for i in range(0, len(targets), ctx.chunk):
+            h, g = hidden[i:i + ctx.chunk], grad_out[i:i + ctx.chunk] / ctx.temperature
+            logits = _chunk_logits(h, weight, ctx.temperature)
+            dlogits = logits.sub_(torch.logsumexp(logits, -1, keepdim=True)).exp_().mul_(-g[:, None])
+            dlogits[torch.arange(len(h), device=h.device), targets[i:i + ctx.chunk]] += g
+            dlogits = dlogits.to(weight.dtype)
+            if want_hidden:
+                grad_hidden[i:i + ctx.chunk] = dlogits @ weight
+            if want_weight:
+                torch.addmm(grad_weight, dlogits.t(), h, out=grad_weight)  # in place (and seen by FlopCounterMode)
+        return grad_hidden, grad_weight, None, None, None
 
 
 def _blank_image_features(model) -> torch.Tensor:
@@ -334,7 +368,7 @@ def _blank_image_features(model) -> torch.Tensor:
     return visual(pixels, grid_thw=grid).pooler_output
 
 
-def _token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_tokens: int = 1024) -> torch.Tensor:
+def _token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_tokens: int = 256) -> torch.Tensor:
     sharded = dist.is_initialized() and dist.get_world_size() > 1
     blank = _blank_image_features(model) if sharded and "pixel_values" not in batch else None
     hidden = model.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False).last_hidden_state
@@ -343,18 +377,13 @@ def _token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_tokens: 
     mask = batch["completion_mask"][:, 1:]                      # (B, T-1): token t+1 is a completion token
     h = hidden[:, :-1][mask]                                    # (N, H): states that predict those tokens
     targets = batch["input_ids"][:, 1:][mask]                   # (N,)
-    weight = model.lm_head.weight                               # (V, H)
-    # Each chunk's logits are recomputed in backward (checkpoint) instead of being kept: peak memory
-    # is one chunk's (chunk_tokens x V) logits, not the whole batch's.
-    parts = [checkpoint(_chunk_logprobs, h[i:i + chunk_tokens], weight, targets[i:i + chunk_tokens], temperature,
-                        use_reentrant=False) for i in range(0, len(targets), chunk_tokens)]
     logp = torch.zeros(mask.shape[0], mask.shape[1] + 1, dtype=torch.float32, device=hidden.device)  # (B, T)
-    if parts:
-        logp[:, 1:][mask] = torch.cat(parts)
+    if len(targets):
+        logp[:, 1:][mask] = LinearLogprobs.apply(h, model.lm_head.weight, targets, temperature, chunk_tokens)
     return logp
 
 
-def token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_tokens: int = 1024) -> torch.Tensor:
+def token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_tokens: int = 256) -> torch.Tensor:
     """log p(input_ids[b, t] | input_ids[b, :t]) at completion positions, 0 elsewhere: (B, T) fp32.
 
     Logits are divided by `temperature` (the sampling temperature), like the rollout engine's."""

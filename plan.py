@@ -18,8 +18,9 @@ What is counted, per GPU (B sequences of T tokens per micro-batch, P parameters,
              one layer's recomputed activations (per token: c*(13H + 4Hkv + 6I) + 8H bytes, c the
              compute dtype's size: norms, q/k/v, RoPE copies, attention output, SwiGLU's four
              I-wide tensors, their gradients; RMSNorm computes in fp32), the boolean causal mask
-             (B*T*T) and one chunk of the log-prob head (chunk x vocab x (c + 12) bytes: the logits
-             and three fp32 vocab-wide temporaries of logsumexp's backward). Without
+             (B*T*T) and one chunk of the log-prob head (chunk x vocab x (c + 8) bytes: model.LinearLogprobs'
+             backward holds the fp32 logits, logsumexp's fp32 temporary and the compute-dtype
+             copy of the logits' gradient). Without
              checkpointing, every layer's activations.
   reference  (GRPO, KL > 0) fp32 shards 4P/W on the GPU, or in host memory with --ref-offload.
   vLLM       (GRPO) while awake it holds --gpu-memory-utilization x GPU memory: weights / tensor
@@ -66,7 +67,7 @@ SHAPES = {
 GiB = 2 ** 30
 RESERVE_GIB = 4.0         # CUDA context (~0.5), NCCL buffers (~1), allocator fragmentation
 VLLM_OVERHEAD_GIB = 2.0   # vLLM's profiled activations, sampler buffers and CUDA graphs (estimate)
-LOGPROB_CHUNK = 1024      # model.token_logprobs' chunk_tokens
+LOGPROB_CHUNK = 256       # model.token_logprobs' chunk_tokens
 # bf16 dense peak TFLOP/s by device name (substring, first match), the denominator of MFU
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0),
                ("A100", 312.0), ("A800", 312.0)]
@@ -297,7 +298,7 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
     else:
         saved, working = s.layers * lm_layer * tokens + s.v_depth * v_block * patches, 0
     chunk = min(LOGPROB_CHUNK, r.micro_batch * r.logit_tokens)
-    head = chunk * s.vocab * (c + 12)
+    head = chunk * s.vocab * (c + 8)
     hidden = 2 * c * tokens * s.hidden + r.micro_batch * r.seq_len ** 2  # final hidden states, their grad; bool mask
     root = c * n["root"]                                       # gathered for the whole forward and backward
     head_grad = c * s.vocab * s.hidden                         # lm_head's unsharded gradient, from the first chunk on

@@ -5,8 +5,9 @@
 
 Forward + backward of the per-token log-probs of L completion tokens, two ways:
   naive    the full (1, L+1, V) fp32 logits, log_softmax, gather (what model(...).logits gives)
-  chunked  model.token_logprobs (the trainer's code), `chunk_tokens` tokens of logits at a time,
-           each chunk recomputed in backward
+  chunked  model.token_logprobs (the trainer's code: model.LinearLogprobs), `chunk_tokens` tokens
+           of logits at a time, each chunk recomputed in backward, the lm_head gradient summed in
+           place into one buffer
 The part of the model whose memory grows with the vocabulary is what is measured: random hidden
 states (1, L+1, H) that require grad stand for the decoder's output, and a random (V, H) lm_head
 (a `model.token_logprobs`-compatible stand-in: `.model(...)` returns them, `.lm_head` is the head).
@@ -85,7 +86,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096], help="completion tokens")
     p.add_argument("--hidden", type=int, default=128, help="hidden size (128: the tiny model; 2048: Qwen2.5-VL-3B)")
-    p.add_argument("--chunks", type=int, nargs="+", default=[1024, 256], help="chunk_tokens values (1024: the default)")
+    p.add_argument("--chunks", type=int, nargs="+", default=[256, 1024], help="chunk_tokens values (256: the default)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--table", default=None, help="only print the table of results saved with --json")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
