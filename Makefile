@@ -25,33 +25,39 @@ $(STAMP): requirements-cpu.txt tools/torchvision_cpu_shim.py
 test: env
 	$(BIN)/python -m pytest -q --log-level=INFO tests
 
-# The embedded default: toy data -> SFT -> eval -> GRPO -> eval, the tiny model on CPU (its sizes
-# are still being tuned: README.md, Quick start). The same scripts and flags as on GPUs; the sizes and the tiny model's learning rates
-# differ. SFT learns from an imperfect teacher's traces (data/sft: right about the grey level,
-# guessing the texture); GRPO's reward uses the true labels (data/train). Outputs under $(DEMO)/;
-# the closing table is $(DEMO)/report.md. `make demo DEMO_GRPO_STEPS=4` and the like shrink it.
+# The embedded default: toy data -> SFT -> eval -> pass counts -> GRPO -> eval, the tiny model on
+# CPU. The same scripts and flags as on GPUs; the sizes and the tiny model's learning rates differ.
+# SFT learns from an imperfect teacher's traces (data/sft: it cannot tell H&E from Congo red);
+# pass counts of the SFT model keep the rows it is unsure of (the recipe's difficulty filter); GRPO's
+# reward uses the true labels. Outputs under $(DEMO)/; the closing table is $(DEMO)/report.md.
+# `make demo DEMO_GRPO_STEPS=8` and the like shrink it.
 DEMO ?= runs/demo
 DEMO_TRAIN ?= 512
 DEMO_TEST ?= 128
 DEMO_GRPO_STEPS ?= 24
-DEMO_EVAL_EVERY ?= 6
-DEMO_SFT = --global-batch 8 --micro-batch 8 --epochs 1 --lr 3e-3
-DEMO_GRPO = --prompts-per-step 8 --group-size 8 --mini-batch 4 --micro-batch 16 --lr 3e-4 --max-response-tokens 64 \
-	--max-steps $(DEMO_GRPO_STEPS) --eval-data $(DEMO)/data/test --eval-every $(DEMO_EVAL_EVERY) --save-every 0 --vllm-dtype float32
+DEMO_EVAL_EVERY ?= 8
+DEMO_SFT = --global-batch 8 --micro-batch 8 --epochs 2 --lr 3e-3
+DEMO_PASS = --samples 4 --max-new-tokens 64 --vllm-dtype float32
+DEMO_GRPO = --prompts-per-step 8 --group-size 8 --mini-batch 8 --micro-batch 16 --lr 3e-4 --warmup-steps 3 --kl-coef 0.1 \
+	--max-response-tokens 64 --max-steps $(DEMO_GRPO_STEPS) --eval-data $(DEMO)/data/test --eval-every $(DEMO_EVAL_EVERY) \
+	--save-every 0 --vllm-dtype float32
 RUN := OMP_NUM_THREADS=2 $(BIN)/python
 demo: env
 	rm -rf $(DEMO)
-	@echo "== 1/6 toy data: CT-like crops; the tissue (fat, lung, liver, bone) shows in the image only"
+	@echo "== 1/7 toy data: stained tissue tiles; the stain (H&E, trichrome, Congo red, silver) shows in the image only"
 	$(RUN) curate.py toy --out $(DEMO)/data --train $(DEMO_TRAIN) --test $(DEMO_TEST)
-	@echo "== 2/6 SFT on the imperfect teacher's traces: the answer format and the grey level"
+	@echo "== 2/7 SFT on the imperfect teacher's traces: the answer format and three of the four stains"
 	$(RUN) sft.py --model tiny --data $(DEMO)/data/sft $(DEMO_SFT) --out $(DEMO)/sft
-	@echo "== 3/6 evaluate the SFT model on the test split (greedy)"
+	@echo "== 3/7 evaluate the SFT model on the test split (greedy)"
 	$(RUN) evaluate.py --model $(DEMO)/sft --data $(DEMO)/data/test --vllm-dtype float32 --max-new-tokens 64 --out $(DEMO)/eval-sft
-	@echo "== 4/6 GRPO from the SFT model with the true labels' reward: vLLM rollouts, group advantages, clipped loss + KL"
-	$(RUN) grpo.py --model $(DEMO)/sft --data $(DEMO)/data/train $(DEMO_GRPO) --out $(DEMO)/grpo
-	@echo "== 5/6 evaluate the GRPO model on the test split (greedy)"
+	@echo "== 4/7 pass counts of the SFT model on the training rows; keep those it sometimes fails"
+	$(RUN) curate.py passcount --model $(DEMO)/sft --data $(DEMO)/data/train $(DEMO_PASS) --out $(DEMO)/data/passcount
+	$(RUN) curate.py filter --data $(DEMO)/data/passcount --min 1 --max 3 --out $(DEMO)/data/grpo
+	@echo "== 5/7 GRPO from the SFT model with the true labels' reward: vLLM rollouts, group advantages, clipped loss + KL"
+	$(RUN) grpo.py --model $(DEMO)/sft --data $(DEMO)/data/grpo $(DEMO_GRPO) --out $(DEMO)/grpo
+	@echo "== 6/7 evaluate the GRPO model on the test split (greedy)"
 	$(RUN) evaluate.py --model $(DEMO)/grpo --data $(DEMO)/data/test --vllm-dtype float32 --max-new-tokens 64 --out $(DEMO)/eval-grpo
-	@echo "== 6/6 before / after"
+	@echo "== 7/7 before / after"
 	$(BIN)/python tools/demo_report.py $(DEMO)
 
 clean-env:

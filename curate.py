@@ -282,31 +282,34 @@ def distill(args) -> None:
 
 
 # ---- the toy dataset of the demo ----
-# A CT-like region of interest filled with one tissue; the question is the same for every row, so
-# only the image tells the answer. Two properties of every visual token decide it: the grey level
-# (fat and lung dark, liver and bone bright) and the texture (lung and bone speckled, fat and
-# liver smooth). A tiny model learns such whole-image properties on CPU in minutes; it did not learn
-# "where is the lesion" (at 4x4 visual tokens its rotary positions barely tell left from right).
-# The `sft` split holds traces of a simulated imperfect teacher that judges the grey level right
-# but guesses the texture: SFT on them stops near 50%, and GRPO's verifiable reward on `train`
-# (true labels) has something to correct.
+# A tile of a stained tissue section; the question is the same for every row, so only the image
+# tells the answer: the stain's colour, a property of every visual token. Two colour channels
+# decide it: red (H&E and Congo red high, trichrome and silver low) and blue (H&E and trichrome
+# high, Congo red and silver low). A tiny model learns such whole-image colours on CPU in a few
+# dozen SFT steps; it did not learn "where is the lesion" (at 4x4 visual tokens its rotary
+# positions barely tell left from right), and learned texture far more slowly than colour.
+# The `sft` split holds traces of a simulated imperfect teacher that cannot tell H&E from Congo red
+# (both look red to it) and is right about the rest, so SFT on them stops near 75% (the blue
+# channel is learned, from trichrome vs silver, but not used for the red stains), and GRPO's
+# verifiable reward on `train` (true labels) has something to correct.
 
-TOY_OPTIONS = {"A": "Fat", "B": "Lung", "C": "Liver", "D": "Bone"}
-TOY_REASONING = "I compare the grey level and the texture of the region with the CT tissue scale."
-TOY_QUESTION = "This is a region of interest cropped from a CT scan. Which tissue fills it?"
+TOY_OPTIONS = {"A": "Hematoxylin and eosin", "B": "Masson trichrome", "C": "Congo red", "D": "Silver stain"}
+TOY_STAINS = {"A": (200, 90, 190), "B": (70, 100, 190), "C": (200, 80, 60), "D": (70, 60, 50)}  # RGB
+TOY_REASONING = "The colour tells the stain."
+TOY_QUESTION = "This tile is from a stained tissue section. Which stain was used?"
+TOY_TEACHER = {"A": "AC", "C": "AC", "B": "B", "D": "D"}  # the answers it picks from
 
 
-def toy_scan(rng: random.Random, label: str, size: int = 112) -> Image.Image:
-    """A dark (A, B) or bright (C, D) field, speckled (B, D) or smooth (A, C)."""
-    grey = (60 if label in "AB" else 165) + rng.randint(-10, 10)
-    image = Image.new("L", (size, size), grey)
+def toy_tile(rng: random.Random, label: str, size: int = 112) -> Image.Image:
+    """A field of the stain's colour (jittered) with darker nuclei scattered over it."""
+    colour = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in TOY_STAINS[label])
+    image = Image.new("RGB", (size, size), colour)
     draw = ImageDraw.Draw(image)
-    speckled = label in "BD"
-    for _ in range(400 if speckled else 12):
-        x, y = rng.randrange(size), rng.randrange(size)
-        r = rng.randint(1, 2) if speckled else rng.randint(8, 16)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=grey + rng.randint(-50, 50) if speckled else grey + rng.randint(-15, 15))
-    return image.filter(ImageFilter.GaussianBlur(0.6 if speckled else 3)).convert("RGB")
+    nucleus = tuple(max(0, c - 50) for c in colour)
+    for _ in range(30):
+        x, y, r = rng.randrange(size), rng.randrange(size), rng.randint(2, 5)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=nucleus)
+    return image.filter(ImageFilter.GaussianBlur(1))
 
 
 def toy(args) -> None:
@@ -320,14 +323,14 @@ def toy(args) -> None:
         rows = []
         for i in range(count):
             label = "ABCD"[i % 4] if split == "test" else "ABCD"[rng.randrange(4)]
-            rows.append({"images": [toy_scan(rng, label)], "question": TOY_QUESTION, "options": json.dumps(TOY_OPTIONS),
+            rows.append({"images": [toy_tile(rng, label)], "question": TOY_QUESTION, "options": json.dumps(TOY_OPTIONS),
                          "answer_label": label, "answer": TOY_OPTIONS[label], "reasoning": TOY_REASONING,
                          "dataset_name": "toy", "dataset_index": i + (0 if split == "train" else args.train)})
         save_rows(rows, f"{args.out}/{split}")
         splits[split] = load_from_disk(f"{args.out}/{split}")
-    teacher = []  # grey level right, texture a coin flip
+    teacher = []  # H&E and Congo red a coin flip, the rest right
     for row in splits["train"]:
-        label = ("AB" if row["answer_label"] in "AB" else "CD")[rng.randrange(2)]
+        label = rng.choice(TOY_TEACHER[row["answer_label"]])
         teacher.append(dict(row, answer_label=label, answer=TOY_OPTIONS[label]))
     save_rows(teacher, f"{args.out}/sft")
     splits["sft"] = load_from_disk(f"{args.out}/sft")

@@ -66,7 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("optimisation")
     g.add_argument("--mini-batch", type=int, default=128, help="prompts per optimizer update, all ranks together")
     g.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward on one rank")
-    g.add_argument("--lr", type=float, default=1e-6, help="constant learning rate, no warmup")
+    g.add_argument("--lr", type=float, default=1e-6, help="constant learning rate (after --warmup-steps)")
+    g.add_argument("--warmup-steps", type=int, default=0,
+                   help="linear warm-up over this many steps (0: none, the recipe; the demo's high lr needs it)")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
@@ -320,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
 
             # ---- updates: one optimizer step per mini-batch, one PPO epoch ----
             policy.train()
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
             stats = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "grad_norm": [], "flops": 0.0, "tokens": 0}
             n_tokens = sum(b["completion_mask"].sum().item() for (u, k), (b, _, _) in batch_of.items()
                            if updates[u][k] is not None)
@@ -374,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
             m = {"step": step + 1, "reward": r_sum / count, "accuracy": acc / count, "format": fmt / count,
                  "response_len": len_sum / count, "response_len_max": peak[0].item(), "zero_var_groups": zv / groups,
                  "loss": loss_sum / trained_tokens, "kl": kl_sum / trained_tokens, "clip_frac": clip_sum / trained_tokens,
-                 "grad_norm": max(stats["grad_norm"]), "lr": args.lr, "canary_mean": gap_sum / gap_n,
+                 "grad_norm": max(stats["grad_norm"]), "lr": optimizer.param_groups[0]["lr"], "canary_mean": gap_sum / gap_n,
                  "canary_max": peak[1].item(), "rollout_tok_s": len_sum / world / seconds["s_rollout"],
                  "train_tok_s": train_tokens / world / seconds["s_update"], "tflops": tflops,
                  "mfu": tflops / peak_tflops if peak_tflops else None,

@@ -48,10 +48,12 @@ def test_two_steps_on_two_ranks_with_vllm(sft_tiny, toy_data, tmp_path):
 
 def test_kill_and_resume_is_bit_identical(sft_tiny, toy_data, tmp_path):
     common = ["--model", sft_tiny, "--data", toy_data, "--max-steps", "3", "--save-every", "1", "--rollout", "hf",
-              "--kl-coef", "0"] + SMALL
+              "--kl-coef", "0", "--warmup-steps", "2"] + SMALL
     full = grpo(common + ["--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr[-5000:]
     assert "reference model: none" in full.stdout
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == [5e-4, 1e-3, 1e-3]  # linear warm-up over 2 steps, then --lr
     # the same run, killed with SIGKILL as soon as its first checkpoint is complete
     out = tmp_path / "killed"
     kill_when("grpo.py", common + ["--out", str(out)], (out / "checkpoints" / "step_000001" / "trainer_state.json").exists)
