@@ -34,10 +34,10 @@ test: env
 DEMO ?= runs/demo
 DEMO_TRAIN ?= 512
 DEMO_TEST ?= 128
-DEMO_GRPO_STEPS ?= 24
+DEMO_GRPO_STEPS ?= 32
 DEMO_EVAL_EVERY ?= 8
 DEMO_SFT = --global-batch 8 --micro-batch 8 --epochs 2 --lr 3e-3
-DEMO_PASS = --samples 4 --max-new-tokens 64 --vllm-dtype float32
+DEMO_PASS = --samples 8 --max-new-tokens 64 --vllm-dtype float32
 DEMO_GRPO = --prompts-per-step 8 --group-size 8 --mini-batch 8 --micro-batch 16 --lr 3e-4 --warmup-steps 3 --kl-coef 0.1 \
 	--max-response-tokens 64 --max-steps $(DEMO_GRPO_STEPS) --eval-data $(DEMO)/data/test --eval-every $(DEMO_EVAL_EVERY) \
 	--save-every 0 --vllm-dtype float32
@@ -52,7 +52,7 @@ demo: env
 	$(RUN) evaluate.py --model $(DEMO)/sft --data $(DEMO)/data/test --vllm-dtype float32 --max-new-tokens 64 --out $(DEMO)/eval-sft
 	@echo "== 4/7 pass counts of the SFT model on the training rows; keep those it sometimes fails"
 	$(RUN) curate.py passcount --model $(DEMO)/sft --data $(DEMO)/data/train $(DEMO_PASS) --out $(DEMO)/data/passcount
-	$(RUN) curate.py filter --data $(DEMO)/data/passcount --min 1 --max 3 --out $(DEMO)/data/grpo
+	$(RUN) curate.py filter --data $(DEMO)/data/passcount --min 1 --max 7 --out $(DEMO)/data/grpo
 	@echo "== 5/7 GRPO from the SFT model with the true labels' reward: vLLM rollouts, group advantages, clipped loss + KL"
 	$(RUN) grpo.py --model $(DEMO)/sft --data $(DEMO)/data/grpo $(DEMO_GRPO) --out $(DEMO)/grpo
 	@echo "== 6/7 evaluate the GRPO model on the test split (greedy)"
