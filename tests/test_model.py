@@ -77,6 +77,19 @@ def test_chunked_logprobs_equal_naive(tiny_model, processor, rows, chunk_tokens)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_linear_logprobs_backward_with_temperature():
+    """LinearLogprobs' hand-written backward (chunks of 8, temperature 2, uneven upstream gradient)
+    against autograd through the full log_softmax."""
+    torch.manual_seed(0)
+    h, w, t, g = torch.randn(37, 16, requires_grad=True), torch.randn(50, 16, requires_grad=True), \
+        torch.randint(0, 50, (37,)), torch.randn(37)
+    ours = model.LinearLogprobs.apply(h, w, t, 2.0, 8)
+    ref = torch.log_softmax(h @ w.T / 2.0, -1).gather(-1, t[:, None])[:, 0]
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    for a, b in zip(torch.autograd.grad((ours * g).sum(), (h, w)), torch.autograd.grad((ref * g).sum(), (h, w))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_temperature_scales_logits(tiny_model, processor, rows):
     batch = model.build_batch(processor, rows[2:], completions_for(rows[2:], lengths=(5,)))
     with torch.no_grad():
