@@ -27,17 +27,19 @@ test: env
 
 # The embedded default: toy data -> SFT -> eval -> pass counts -> GRPO -> eval, the tiny model on
 # CPU. The same scripts and flags as on GPUs; the sizes and the tiny model's learning rates differ.
-# SFT learns from an imperfect teacher's traces (data/sft: it cannot tell H&E from Congo red);
+# SFT learns from an imperfect teacher's traces (data/sft: it calls H&E "Congo red" 3 times in 5);
 # pass counts of the SFT model keep the rows it is unsure of (the recipe's difficulty filter); GRPO's
 # reward uses the true labels. Outputs under $(DEMO)/; the closing table is $(DEMO)/report.md.
 # `make demo DEMO_GRPO_STEPS=8` and the like shrink it.
 DEMO ?= runs/demo
 DEMO_TRAIN ?= 512
 DEMO_TEST ?= 128
-DEMO_GRPO_STEPS ?= 32
-DEMO_EVAL_EVERY ?= 8
-DEMO_SFT = --global-batch 8 --micro-batch 8 --epochs 2 --lr 3e-3
-DEMO_PASS = --samples 8 --max-new-tokens 64 --vllm-dtype float32
+DEMO_GRPO_STEPS ?= 12
+DEMO_EVAL_EVERY ?= 4
+DEMO_SAMPLES ?= 4
+DEMO_SFT_EPOCHS ?= 2
+DEMO_SFT = --global-batch 8 --micro-batch 8 --epochs $(DEMO_SFT_EPOCHS) --lr 3e-3
+DEMO_PASS = --samples $(DEMO_SAMPLES) --max-new-tokens 64 --vllm-dtype float32
 DEMO_GRPO = --prompts-per-step 8 --group-size 8 --mini-batch 8 --micro-batch 16 --lr 3e-4 --warmup-steps 3 --kl-coef 0.1 \
 	--max-response-tokens 64 --max-steps $(DEMO_GRPO_STEPS) --eval-data $(DEMO)/data/test --eval-every $(DEMO_EVAL_EVERY) \
 	--save-every 0 --vllm-dtype float32
@@ -46,13 +48,13 @@ demo: env
 	rm -rf $(DEMO)
 	@echo "== 1/7 toy data: stained tissue tiles; the stain (H&E, trichrome, Congo red, silver) shows in the image only"
 	$(RUN) curate.py toy --out $(DEMO)/data --train $(DEMO_TRAIN) --test $(DEMO_TEST)
-	@echo "== 2/7 SFT on the imperfect teacher's traces: the answer format and three of the four stains"
+	@echo "== 2/7 SFT on the imperfect teacher's traces: the answer format, the stains, and the teacher's H&E mistake"
 	$(RUN) sft.py --model tiny --data $(DEMO)/data/sft $(DEMO_SFT) --out $(DEMO)/sft
 	@echo "== 3/7 evaluate the SFT model on the test split (greedy)"
 	$(RUN) evaluate.py --model $(DEMO)/sft --data $(DEMO)/data/test --vllm-dtype float32 --max-new-tokens 64 --out $(DEMO)/eval-sft
 	@echo "== 4/7 pass counts of the SFT model on the training rows; keep those it sometimes fails"
 	$(RUN) curate.py passcount --model $(DEMO)/sft --data $(DEMO)/data/train $(DEMO_PASS) --out $(DEMO)/data/passcount
-	$(RUN) curate.py filter --data $(DEMO)/data/passcount --min 1 --max 7 --out $(DEMO)/data/grpo
+	$(RUN) curate.py filter --data $(DEMO)/data/passcount --min 1 --max $$(($(DEMO_SAMPLES) - 1)) --out $(DEMO)/data/grpo
 	@echo "== 5/7 GRPO from the SFT model with the true labels' reward: vLLM rollouts, group advantages, clipped loss + KL"
 	$(RUN) grpo.py --model $(DEMO)/sft --data $(DEMO)/data/grpo $(DEMO_GRPO) --out $(DEMO)/grpo
 	@echo "== 6/7 evaluate the GRPO model on the test split (greedy)"

@@ -288,16 +288,21 @@ def distill(args) -> None:
 # high, Congo red and silver low). A tiny model learns such whole-image colours on CPU in a few
 # dozen SFT steps; it did not learn "where is the lesion" (at 4x4 visual tokens its rotary
 # positions barely tell left from right), and learned texture far more slowly than colour.
-# The `sft` split holds traces of a simulated imperfect teacher that cannot tell H&E from Congo red
-# (both look red to it) and is right about the rest, so SFT on them stops near 75% (the blue
-# channel is learned, from trichrome vs silver, but not used for the red stains), and GRPO's
-# verifiable reward on `train` (true labels) has something to correct.
+# The `sft` split holds traces of a simulated imperfect teacher that is right about trichrome, silver
+# and Congo red but calls H&E "Congo red" 3 times in 5 (in turn: A, A, C, C, C). SFT imitates it: the
+# model learns every stain's colour, and for H&E tiles it learns the teacher's odds, about 0.4 A and
+# 0.6 C, so its greedy answer (C) is wrong on every H&E tile and it stops near 75%. GRPO's verifiable
+# reward on `train` (the true labels) then has a concrete job: the right answer is already sampled
+# 40% of the time on exactly the H&E tiles, and reinforcing it flips the greedy answer within a few
+# steps. (A teacher that could not tell the two apart at all, a coin flip for both, gave the same
+# 75% but the model then had no blue-channel feature for red tiles: GRPO needed ~24 steps of 64
+# completions and got there only with some seeds.)
 
 TOY_OPTIONS = {"A": "Hematoxylin and eosin", "B": "Masson trichrome", "C": "Congo red", "D": "Silver stain"}
 TOY_STAINS = {"A": (200, 90, 190), "B": (70, 100, 190), "C": (200, 80, 60), "D": (70, 60, 50)}  # RGB
 TOY_REASONING = "The colour tells the stain."
 TOY_QUESTION = "This tile is from a stained tissue section. Which stain was used?"
-TOY_TEACHER = {"A": "AC", "C": "AC", "B": "B", "D": "D"}  # the answers it picks from
+TOY_TEACHER = {"A": "AACCC", "B": "B", "C": "C", "D": "D"}  # true label -> the answers it picks from
 
 
 def toy_tile(rng: random.Random, label: str, size: int = 112) -> Image.Image:
@@ -328,9 +333,11 @@ def toy(args) -> None:
                          "dataset_name": "toy", "dataset_index": i + (0 if split == "train" else args.train)})
         save_rows(rows, f"{args.out}/{split}")
         splits[split] = load_from_disk(f"{args.out}/{split}")
-    teacher = []  # H&E and Congo red a coin flip, the rest right
+    teacher, seen = [], {k: 0 for k in TOY_TEACHER}  # the n-th row of a label gets its n-th answer, in turn
     for row in splits["train"]:
-        label = rng.choice(TOY_TEACHER[row["answer_label"]])
+        answers = TOY_TEACHER[row["answer_label"]]
+        label = answers[seen[row["answer_label"]] % len(answers)]
+        seen[row["answer_label"]] += 1
         teacher.append(dict(row, answer_label=label, answer=TOY_OPTIONS[label]))
     save_rows(teacher, f"{args.out}/sft")
     splits["sft"] = load_from_disk(f"{args.out}/sft")

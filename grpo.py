@@ -4,7 +4,8 @@ One step, in this order (see `main`):
   rollout     every rank samples n completions for each of its prompts (vLLM, or --rollout hf)
   reward      reward.reward: 1 for <think>..</think><answer>right</answer>, else 0
   advantages  per prompt group: (r - mean) / (std + 1e-6)
-  log-probs   old log-probs (the policy before this step's updates) and the frozen reference's
+  log-probs   old log-probs (the policy before this step's updates; with one update per step they
+              are the update's own, detached) and the frozen reference's
   update      per mini-batch: clipped policy loss + k3 KL over micro-batches, clip the gradient norm,
               AdamW step (2 mini-batches per step by default, one PPO epoch)
   sync        stream the new weights into vLLM, reset its caches
@@ -97,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     g.add_argument("--dump-every", type=int, default=10, help="write sampled rollouts every N steps")
     g.add_argument("--eval-data", default=None, help="rows evaluate.py scores greedily every --eval-every steps")
-    g.add_argument("--eval-every", type=int, default=0, help="0: no in-training evaluation")
+    g.add_argument("--eval-every", type=int, default=0, help="0: no in-training evaluation; else also one before the first step")
     g = p.add_argument_group("memory plan and telemetry")
     g.add_argument("--plan", action="store_true", help="print the expected memory per GPU and per node, exit 0 if it fits, 2 if not")
     g.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
@@ -167,6 +168,12 @@ def aggregate(loss_tok: torch.Tensor, mask: torch.Tensor, mode: str, num_micro_b
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
+
+def canary(samples: list, idx: torch.Tensor, old: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """|engine log-prob - trainer log-prob| per completion token of micro-batch `idx` (old, mask (B, T))."""
+    return torch.cat([(torch.tensor(samples[i][1].logprobs, device=old.device) - old[j][mask[j]]).abs()
+                      for j, i in enumerate(idx.tolist())])
+
 # ---- data ----
 
 def check_prompt_lengths(rows, processor, args, rank: int, world: int) -> list[int]:
@@ -205,6 +212,19 @@ def save(policy, optimizer, processor, args, step: int) -> None:
 
 
 # ---- the loop ----
+
+
+def run_eval(engine, eval_rows: list[dict], args, step: int, metrics_file) -> None:
+    """evaluate.py's greedy run and summary of the engine's current weights; one metrics line."""
+    t_eval = time.perf_counter()
+    records = evaluate.run(engine, eval_rows, Path(args.out) / "eval" / f"step_{step:06d}.jsonl",
+                           max_new_tokens=args.max_response_tokens, seed=args.seed)
+    summary, s_eval = evaluate.summarize(records), round(time.perf_counter() - t_eval, 3)
+    M.print0(f"eval step {step}: " + " ".join(f"{name} {v['lenient']:.1f}" for name, v in summary.items())
+             + f" time {s_eval:.1f}s")
+    if metrics_file is not None:
+        metrics_file.write(json.dumps({"step": step, "eval": summary, "s_eval": s_eval}) + "\n")
+        metrics_file.flush()
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
@@ -255,18 +275,23 @@ def main(argv: list[str] | None = None) -> None:
         optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=tuple(args.betas),
                                       weight_decay=args.weight_decay)
         start = M.load_training_checkpoint(policy, optimizer, out / "checkpoints") if args.resume else 0
+        per_rank = args.prompts_per_step // world
+        shapes, peak_tflops = P.shapes(path), P.peak_tflops(device, args.peak_tflops)  # for MFU
+        max_len = args.max_prompt_tokens + args.max_response_tokens
+        # on CPU, a KV cache for one step's completions at full length in fp32 (at most 1 GiB)
+        kv_cache_bytes = min(2 ** 30, P.kv_bytes_per_token(shapes, 4) * per_rank * args.group_size * max_len)
         engine = rollout.make_engine(args.rollout, path, processor, model=policy,
-                                     **(dict(max_model_len=args.max_prompt_tokens + args.max_response_tokens,
-                                             tensor_parallel_size=args.tensor_parallel, dtype=args.vllm_dtype,
-                                             gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
+                                     **(dict(max_model_len=max_len, tensor_parallel_size=args.tensor_parallel,
+                                             dtype=args.vllm_dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+                                             seed=args.seed, kv_cache_bytes=kv_cache_bytes)
                                         if args.rollout == "vllm" else {}))
         if start:
             engine.update_weights(policy)  # the engine loaded the initial weights from disk
         eval_rows = list(M.load_rows(args.eval_data, "test")) if args.eval_data else None
         metrics_file = M.open_metrics(out / "metrics.jsonl", start) if rank == 0 else None
-        per_rank = args.prompts_per_step // world
-        shapes, peak_tflops = P.shapes(path), P.peak_tflops(device, args.peak_tflops)  # for MFU
 
+        if eval_rows is not None and args.eval_every and start == 0:
+            run_eval(engine, eval_rows, args, 0, metrics_file)  # the start point of the curve
         for step in range(start, total_steps):
             t = {"start": time.perf_counter()}
             # ---- rollout: this rank's prompts, n completions each, seeded per (step, prompt) ----
@@ -302,22 +327,23 @@ def main(argv: list[str] | None = None) -> None:
             updates = [u + [None] * (int(k) - len(u)) for u, k in zip(updates, most)]
 
             # ---- old and reference log-probs: the policy before this step's updates, the frozen ref ----
+            # With one update per step the policy that the update's forward runs IS the old policy, so
+            # its log-probs, detached, are the old ones (ratio exactly 1): no separate forward for them.
+            on_policy = len(updates) == 1
             encoded = {id(row): M.encode_prompt(processor, row) for row in prompts}
             pad = processor.tokenizer.pad_token_id
             empty = M.to_device(M.collate([encoded[id(prompts[0])]], [[pad]], pad), device)  # a padding micro-batch
-            batch_of = {}  # micro-batch position -> (batch, old log-probs, reference log-probs)
+            batch_of = {}  # micro-batch position -> (batch, old log-probs or None, reference log-probs)
             with torch.no_grad():
                 for u, micro in enumerate(updates):
                     for k, idx in enumerate(micro):
                         b = empty if idx is None else M.to_device(M.collate(
                             [encoded[id(samples[i][0])] for i in idx], [samples[i][1].token_ids for i in idx], pad), device)
-                        batch_of[u, k] = (b, M.token_logprobs(policy, b, args.temperature),
+                        batch_of[u, k] = (b, None if on_policy else M.token_logprobs(policy, b, args.temperature),
                                           M.token_logprobs(ref, b, args.temperature) if ref is not None else None)
             # canary: the engine's log-probs must match the trainer's (a stale sync shows up here)
-            gaps = [(torch.tensor(samples[i][1].logprobs, device=device) - old[j][b["completion_mask"][j]]).abs()
-                    for (u, k), (b, old, _) in batch_of.items() if updates[u][k] is not None
-                    for j, i in enumerate(updates[u][k].tolist())]
-            gaps = torch.cat(gaps) if gaps else torch.zeros(1, device=device)
+            gaps = [canary(samples, updates[u][k], old, b["completion_mask"]) for (u, k), (b, old, _) in batch_of.items()
+                    if updates[u][k] is not None and old is not None]
             t["logprobs"] = time.perf_counter()
 
             # ---- updates: one optimizer step per mini-batch, one PPO epoch ----
@@ -338,6 +364,9 @@ def main(argv: list[str] | None = None) -> None:
                         (logp.sum() * 0).backward()
                         continue
                     mask = b["completion_mask"]                                         # (B, T)
+                    if old is None:  # on-policy: see above
+                        old = logp.detach()
+                        gaps.append(canary(samples, idx, old, mask))
                     pg, clipped = clipped_policy_loss(logp, old, adv[idx].to(device), args.clip_low,
                                                       args.clip_high, args.dual_clip)   # (B, T)
                     kl = kl_k3(logp, ref_lp) if ref is not None else torch.zeros_like(pg)
@@ -350,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
                     stats["tokens"] += int(b["attention_mask"].sum())
                 stats["grad_norm"].append(M.clip_and_step(policy, optimizer, args.grad_clip, step + 1))
             t["update"] = time.perf_counter()
+            gaps = torch.cat(gaps) if gaps else torch.zeros(1, device=device)
 
             # ---- weight sync: the engine samples the next step with the new weights ----
             if device.type == "cuda":
@@ -410,14 +440,7 @@ def main(argv: list[str] | None = None) -> None:
 
             # ---- eval: evaluate.py's greedy run and summary on --eval-data ----
             if eval_rows is not None and args.eval_every and (step + 1) % args.eval_every == 0:
-                t_eval = time.perf_counter()
-                records = evaluate.run(engine, eval_rows, out / "eval" / f"step_{step + 1:06d}.jsonl",
-                                       max_new_tokens=args.max_response_tokens, seed=args.seed)
-                summary, s_eval = evaluate.summarize(records), round(time.perf_counter() - t_eval, 3)
-                M.print0(f"eval step {step + 1}: " + " ".join(f"{name} {v['lenient']:.1f}" for name, v in summary.items())
-                         + f" time {s_eval:.1f}s")
-                if rank == 0:
-                    metrics_file.write(json.dumps({"step": step + 1, "eval": summary, "s_eval": s_eval}) + "\n")
+                run_eval(engine, eval_rows, args, step + 1, metrics_file)
     finally:
         if engine is not None:
             engine.close()

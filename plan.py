@@ -280,6 +280,11 @@ class Plan:
         return max(self.host[0][1], sum(gib for _, gib in self.host[1:]))
 
 
+def kv_bytes_per_token(s: Shapes, dtype_bytes: int, tensor_parallel: int = 1) -> int:
+    """vLLM's KV cache per token on one GPU: keys and values of every layer's KV heads (of its shard)."""
+    return 2 * s.layers * max(1, s.kv_heads // tensor_parallel) * s.head_dim * dtype_bytes
+
+
 def layer_activation_bytes(hidden: int, kv: int, intermediate: int, c: int) -> int:
     """Bytes per token of one decoder layer's (or vision block's) activations during its backward."""
     return c * (13 * hidden + 4 * kv + 6 * intermediate) + 8 * hidden
@@ -326,7 +331,7 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
         share = r.gpu_memory_utilization * r.gpu_gib * GiB
         weights = P * r.vllm_bytes / tp
         kv_bytes = share - weights - VLLM_OVERHEAD_GIB * GiB
-        per_token = 2 * s.layers * max(1, s.kv_heads // tp) * s.head_dim * r.vllm_bytes
+        per_token = kv_bytes_per_token(s, r.vllm_bytes, tp)
         kv_tokens = max(0, int(kv_bytes // per_token))
         rows += [(f"vLLM weights (/ tensor parallel {tp})", weights, "rollout"),
                  ("vLLM activations, CUDA graphs (estimate)", VLLM_OVERHEAD_GIB * GiB, "rollout"),

@@ -47,10 +47,11 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, processor, max_model_len: int = 8192, max_images: int = 8,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.6, seed: int = 0,
-                 dtype: str = "auto"):
-        # In-process engine (weights are pushed by reference, no serialisation). On CPU: 1 GiB KV cache.
+                 dtype: str = "auto", kv_cache_bytes: int | None = None):
+        # In-process engine (weights are pushed by reference, no serialisation). KV cache: on GPU the
+        # rest of gpu_memory_utilization; on CPU kv_cache_bytes, default 1 GiB (vLLM's
+        # VLLM_CPU_KVCACHE_SPACE, in GiB, overrides it).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
 
         self.processor, self.tp = processor, tensor_parallel_size
@@ -66,6 +67,7 @@ class VLLMEngine:
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="external_launcher",
                        gpu_memory_utilization=gpu_memory_utilization, limit_mm_per_prompt={"image": max_images, "video": 0},
+                       kv_cache_memory_bytes=None if self.on_gpu else kv_cache_bytes or 2 ** 30,
                        enable_prefix_caching=True, enable_sleep_mode=self.on_gpu, enforce_eager=not self.on_gpu,
                        # CPU only: a prompt split over scheduler steps rewinds its request's seeded
                        # generator by an offset, which CPU generators lack ("CPU Generator does not use

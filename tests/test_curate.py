@@ -106,12 +106,12 @@ def test_toy_is_deterministic_and_needs_the_image(tmp_path):
     assert len(set(a["question"])) == 1 and len(set(a["options"])) == 1  # the text alone says nothing
     assert set(a["answer_label"]) == set("ABCD")
     assert len(load_from_disk(str(tmp_path / "a" / "all"))["test"]) == 8
-    # the imperfect teacher of the sft split: right about B and D, a coin flip between A and C
-    # (H&E and Congo red), so wrong on some rows and right on others
+    # the imperfect teacher of the sft split: right about B, C and D; H&E (A) mostly called C
     sft = load_from_disk(str(tmp_path / "a" / "sft"))
     assert [r["images"][0].tobytes() for r in sft] == [r["images"][0].tobytes() for r in a]
-    assert all(s == t if t in "BD" else s in "AC" for t, s in zip(a["answer_label"], sft["answer_label"]))
-    assert 0 < sum(t != s for t, s in zip(a["answer_label"], sft["answer_label"])) < len(a)
+    assert all(s == t if t in "BCD" else s in "AC" for t, s in zip(a["answer_label"], sft["answer_label"]))
+    said = "".join(s for t, s in zip(a["answer_label"], sft["answer_label"]) if t == "A")
+    assert said == "AACCC" * (len(said) // 5) + "AACCC"[:len(said) % 5]
 
 
 def test_passcount_resumes_and_is_rank_independent(sft_tiny, toy_data, tmp_path):

@@ -48,7 +48,7 @@ def test_two_steps_on_two_ranks_with_vllm(sft_tiny, toy_data, tmp_path):
 
 def test_kill_and_resume_is_bit_identical(sft_tiny, toy_data, tmp_path):
     common = ["--model", sft_tiny, "--data", toy_data, "--max-steps", "3", "--save-every", "1", "--rollout", "hf",
-              "--kl-coef", "0", "--warmup-steps", "2"] + SMALL
+              "--kl-coef", "0", "--warmup-steps", "2"] + SMALL + ["--mini-batch", "4"]  # one update a step: on-policy
     full = grpo(common + ["--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr[-5000:]
     assert "reference model: none" in full.stdout

@@ -77,6 +77,20 @@ def test_chunked_logprobs_equal_naive(tiny_model, processor, rows, chunk_tokens)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+
+def test_update_logprobs_are_the_old_ones(tiny_path, processor, rows):
+    """grpo.py's on-policy shortcut (one update per step: old log-probs = the update's own, detached)
+    holds only if train mode, gradient checkpointing and autograd change no value: bit for bit."""
+    m = model.load_model(tiny_path)
+    model.enable_gradient_checkpointing(m)
+    batch = model.build_batch(processor, rows, completions_for(rows))
+    m.eval()
+    with torch.no_grad():
+        old = model.token_logprobs(m, batch)
+    m.train()
+    logp = model.token_logprobs(m, batch)
+    assert logp.requires_grad and torch.equal(logp.detach(), old)
+
 def test_linear_logprobs_backward_with_temperature():
     """LinearLogprobs' hand-written backward (chunks of 8, temperature 2, uneven upstream gradient)
     against autograd through the full log_softmax."""
