@@ -120,6 +120,8 @@ def sft_tiny(tiny_path, processor) -> str:
     if (path / "trainer_state.json").exists():
         return str(path)
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # nothing else runs during a fixture: both cores
     m = model.load_model(tiny_path).train()
     rows = make_toy_rows()[:4]
     tok = processor.tokenizer
@@ -132,6 +134,7 @@ def sft_tiny(tiny_path, processor) -> str:
         opt.step()
         opt.zero_grad(set_to_none=True)
     model.save_checkpoint(m, processor, path, {"steps": SFT_STEPS}, dtype=torch.float32)
+    torch.set_num_threads(threads)
     return str(path)
 
 
