@@ -168,11 +168,11 @@ def aggregate(loss_tok: torch.Tensor, mask: torch.Tensor, mode: str, num_micro_b
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
-
 def canary(samples: list, idx: torch.Tensor, old: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """|engine log-prob - trainer log-prob| per completion token of micro-batch `idx` (old, mask (B, T))."""
     return torch.cat([(torch.tensor(samples[i][1].logprobs, device=old.device) - old[j][mask[j]]).abs()
                       for j, i in enumerate(idx.tolist())])
+
 
 # ---- data ----
 
@@ -213,7 +213,6 @@ def save(policy, optimizer, processor, args, step: int) -> None:
 
 # ---- the loop ----
 
-
 def run_eval(engine, eval_rows: list[dict], args, step: int, metrics_file) -> None:
     """evaluate.py's greedy run and summary of the engine's current weights; one metrics line."""
     t_eval = time.perf_counter()
@@ -225,6 +224,7 @@ def run_eval(engine, eval_rows: list[dict], args, step: int, metrics_file) -> No
     if metrics_file is not None:
         metrics_file.write(json.dumps({"step": step, "eval": summary, "s_eval": s_eval}) + "\n")
         metrics_file.flush()
+
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)

@@ -281,7 +281,7 @@ class Plan:
 
 
 def kv_bytes_per_token(s: Shapes, dtype_bytes: int, tensor_parallel: int = 1) -> int:
-    """vLLM's KV cache per token on one GPU: keys and values of every layer's KV heads (of its shard)."""
+    """vLLM's KV cache per token on one device: keys and values of every layer's KV heads (of its shard)."""
     return 2 * s.layers * max(1, s.kv_heads // tensor_parallel) * s.head_dim * dtype_bytes
 
 
