@@ -20,6 +20,7 @@ import base64
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -333,11 +334,9 @@ def toy(args) -> None:
                          "dataset_name": "toy", "dataset_index": i + (0 if split == "train" else args.train)})
         save_rows(rows, f"{args.out}/{split}")
         splits[split] = load_from_disk(f"{args.out}/{split}")
-    teacher, seen = [], {k: 0 for k in TOY_TEACHER}  # the n-th row of a label gets its n-th answer, in turn
+    teacher, turns = [], {k: itertools.cycle(v) for k, v in TOY_TEACHER.items()}  # each label's answers in turn
     for row in splits["train"]:
-        answers = TOY_TEACHER[row["answer_label"]]
-        label = answers[seen[row["answer_label"]] % len(answers)]
-        seen[row["answer_label"]] += 1
+        label = next(turns[row["answer_label"]])
         teacher.append(dict(row, answer_label=label, answer=TOY_OPTIONS[label]))
     save_rows(teacher, f"{args.out}/sft")
     splits["sft"] = load_from_disk(f"{args.out}/sft")
