@@ -85,7 +85,7 @@ def run_ours(args) -> None:
     sys.path.insert(0, str(ROOT))
     import rollout
 
-    rollout.ALLOWED_TOKEN_IDS = allowed_token_ids()
+    rollout.ALLOWED_SPECIAL = rollout.ALLOWED_SPECIAL - set(EOS)  # what blocked_token_ids leaves open
     import grpo
 
     grpo.main(["--model", "tiny", "--data", args.data, "--rollout", "vllm", "--vllm-dtype", "float32",

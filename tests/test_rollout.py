@@ -102,6 +102,13 @@ def test_shared_prefix_is_not_stale_after_sync(engine, policy, processor):
     check_against_transformers(policy, engine, processor, image_rows)
 
 
+def test_blocked_ids_are_the_complement_of_the_allowed():
+    for vocab in (151936, 152064):  # Qwen2.5-VL 3B/7B, 32B
+        blocked = rollout.blocked_token_ids(vocab)
+        assert sorted(blocked + rollout.ALLOWED_TOKEN_IDS) == list(range(vocab))
+    assert {151644, 151655, 151656, 152063} <= set(blocked) and {151643, 151645} <= set(rollout.ALLOWED_TOKEN_IDS)
+
+
 def test_no_vision_tokens_sampled(engine, rows):
     out = engine.generate(rows, n=8, temperature=1.0, max_new_tokens=64, seed=0)
     tokens = [t for per_row in out for c in per_row for t in c.token_ids]
