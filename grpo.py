@@ -272,8 +272,7 @@ def main(argv: list[str] | None = None) -> None:
             ref = M.load_sharded_model(path, param_dtype=compute_dtype, cpu_offload=args.ref_offload)
             ref.requires_grad_(False)
         M.print0("reference model: " + ("frozen copy of the initial policy" if ref is not None else "none (--kl-coef 0)"))
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=tuple(args.betas),
-                                      weight_decay=args.weight_decay)
+        optimizer = M.adamw(policy, args.lr, args.betas, args.weight_decay)
         start = M.load_training_checkpoint(policy, optimizer, out / "checkpoints") if args.resume else 0
         per_rank = args.prompts_per_step // world
         shapes, peak_tflops = P.shapes(path), P.peak_tflops(device, args.peak_tflops)  # for MFU

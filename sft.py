@@ -170,8 +170,7 @@ def main(argv: list[str] | None = None) -> None:
 
         policy = M.load_sharded_model(path, param_dtype=getattr(torch, args.dtype),
                                       gradient_checkpointing=not args.no_gradient_checkpointing).train()
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=tuple(args.betas),
-                                      weight_decay=args.weight_decay)
+        optimizer = M.adamw(policy, args.lr, args.betas, args.weight_decay)
         start = M.load_training_checkpoint(policy, optimizer, out / "checkpoints") if args.resume else 0
         metrics_file = M.open_metrics(out / "metrics.jsonl", start) if rank == 0 else None
         pad = processor.tokenizer.pad_token_id

@@ -36,7 +36,7 @@ def nll(m, batch: dict) -> torch.Tensor:
 
 
 def train(m, batches: list[list[dict]]) -> list[float]:
-    opt = torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=0.01)
+    opt = model.adamw(m, LR, (0.9, 0.999), 0.01)  # the stages' optimizer (fused)
     norms = []
     for step_batches in batches:
         for b in step_batches:

@@ -1,9 +1,9 @@
 """`make demo`, small: toy data -> SFT on the imperfect teacher's traces -> pass counts + filter ->
 GRPO from the SFT model with vLLM rollouts and greedy evaluations (evaluate.py's) before the first
-step and after the last. The demo's stage scripts and flags; fewer pass-count samples, prompts per
-step and steps. GRPO must raise the sampled reward over the run and the greedy test accuracy above
-the SFT start: a wrong advantage sign, a stale weight sync or a broken loss shows up as a flat or
-falling curve."""
+step and after the last -> evaluate.py over both runs' last checkpoints, one table. The demo's stage
+scripts and flags; fewer pass-count samples, prompts per step and steps. GRPO must raise the sampled
+reward over the run and the greedy test accuracy above the SFT start: a wrong advantage sign, a
+stale weight sync or a broken loss shows up as a flat or falling curve."""
 import json
 
 from conftest import run_script
@@ -26,6 +26,8 @@ def test_small_demo_learns(tmp_path):
                      "--mini-batch", "4", "--micro-batch", "16", "--lr", "3e-4", "--warmup-steps", "3", "--kl-coef", "0.1",
                      "--max-response-tokens", "64", "--max-steps", STEPS, "--eval-data", f"{d}/data/test",
                      "--eval-every", STEPS, "--save-every", "0", "--vllm-dtype", "float32", "--out", f"{d}/grpo"]),
+        ("evaluate.py", ["--model", f"{d}/grpo", f"{d}/sft", "--data", f"{d}/data/test", "--max-new-tokens", "64",
+                         "--vllm-dtype", "float32", "--out", f"{d}/eval"]),
     ]
     for script, args in stages:
         run = run_script(script, args, env=TWO_THREADS)
@@ -38,3 +40,8 @@ def test_small_demo_learns(tmp_path):
     assert 50 <= accuracy[0] <= 90, "the SFT start must be middling: the teacher mistakes most H&E tiles"
     assert trend(rewards) > 0, rewards
     assert accuracy[int(STEPS)] >= accuracy[0] + 10, accuracy
+    # evaluate.py on the two run directories (their last checkpoints) in one table: the saved models
+    # score what grpo.py's in-training evaluations of the same weights scored (greedy, same rows)
+    table = (tmp_path / "eval" / "table.md").read_text()
+    for run, step in ((f"{d}/grpo", int(STEPS)), (f"{d}/sft", 0)):
+        assert f"| {run} | lenient | {accuracy[step]:.2f} | {accuracy[step]:.2f} |" in table, table

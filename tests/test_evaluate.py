@@ -1,5 +1,5 @@
 """evaluate.py: scoring on scripted completions, the tiny model end to end, resuming after a kill,
-and a checkpoint written by grpo.py (with in-training eval) next to another model in one table."""
+rows longer than the context. Two runs' checkpoints (SFT, GRPO) in one table: tests/test_demo.py."""
 import json
 
 import pytest
@@ -75,23 +75,6 @@ def test_kill_and_rerun_no_row_twice_none_missing(tiny_path, eval_data, tmp_path
     assert len(keys) == len(set(keys)) == 14
     ref_summary = json.loads((tmp_path / "ref" / name / "summary.json").read_text())["mean"]
     assert json.loads((tmp_path / "killed" / name / "summary.json").read_text())["mean"] == ref_summary
-
-
-def test_grpo_checkpoint_and_another_model_in_one_table(sft_tiny, tiny_path, toy_data, eval_data, tmp_path):
-    train = run_script("grpo.py", ["--model", sft_tiny, "--data", toy_data, "--out", str(tmp_path / "grpo"),
-                                   "--max-steps", "1", "--rollout", "hf", "--kl-coef", "0", "--prompts-per-step", "2",
-                                   "--group-size", "2", "--mini-batch", "2", "--max-response-tokens", "8",
-                                   "--eval-data", eval_data, "--eval-every", "1"])
-    assert train.returncode == 0, train.stderr[-3000:]
-    in_training = json.loads((tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()[-1])["eval"]
-    assert in_training["Avg."]["rows"] == 14 and set(evaluate.BENCHMARKS) < set(in_training)
-    checkpoint = str(tmp_path / "grpo" / "checkpoints" / "step_000001")
-    run = evaluate_cli(["--model", checkpoint, tiny_path, "--data", eval_data, "--max-new-tokens", "6",
-                        "--benchmarks", "pmc_vqa", "slake_closed", "--vllm-dtype", "float32", "--out", str(tmp_path / "eval")])
-    assert run.returncode == 0, run.stderr[-5000:]
-    table = (tmp_path / "eval" / "table.md").read_text()
-    assert f"| {checkpoint} | lenient |" in table and f"| {tiny_path} | strict |" in table
-    assert "| model | grader | pmc_vqa | slake_closed | Avg. |" in table
 
 
 def test_rows_longer_than_the_context_are_scored_as_failures(tiny_path, eval_data, tmp_path):
