@@ -22,8 +22,11 @@ $(STAMP): requirements-cpu.txt tools/torchvision_cpu_shim.py
 	$(BIN)/python -c "import torch, transformers, vllm; print('env ok: torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
 	touch $(STAMP)
 
+# Two pytest-xdist workers, a test file each at a time (module fixtures such as test_rollout's vLLM
+# engine are built once): most tests spend their time in one single-threaded process start-up.
+TEST_WORKERS ?= 2
 test: env
-	$(BIN)/python -m pytest -q --log-level=INFO tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --log-level=INFO tests
 
 # The embedded default: toy data -> SFT -> eval -> pass counts -> GRPO -> eval, the tiny model on
 # CPU. The same scripts and flags as on GPUs; the sizes and the tiny model's learning rates differ.

@@ -1,4 +1,5 @@
 """Shared fixtures: the tiny real-architecture model (built once, cached on disk) and sample rows."""
+import fcntl
 import json
 import os
 import sys
@@ -112,30 +113,38 @@ def sft_tiny(tiny_path, processor) -> str:
     """The tiny model taught the answer format on the toy rows, with two letters per question, so
     that its samples are sometimes right and sometimes wrong (GRPO then has non-zero advantages).
     Built once per machine (cached next to the tiny model), ~1.5 minutes."""
+    import model
+
+    path = model.CACHE_DIR / f"tiny-{model.TINY_VERSION}-grpo-start-v2"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:  # pytest-xdist: one worker builds it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "trainer_state.json").exists():
+            build_sft_tiny(path, tiny_path, processor)
+    return str(path)
+
+
+def build_sft_tiny(path, tiny_path: str, processor) -> None:
     import torch
 
     import model
 
-    path = model.CACHE_DIR / f"tiny-{model.TINY_VERSION}-grpo-start-v1"
-    if (path / "trainer_state.json").exists():
-        return str(path)
     torch.manual_seed(0)
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # nothing else runs during a fixture: both cores
+    torch.set_num_threads(2)  # both cores (shared with the other pytest-xdist worker, if any)
     m = model.load_model(tiny_path).train()
     rows = make_toy_rows()[:4]
     tok = processor.tokenizer
     pairs = [(row, tok(f"<think> look </think>\n<answer> {letter} </answer><|im_end|>")["input_ids"])
              for row in rows for letter in (row["answer_label"], "ABCD"[("ABCD".index(row["answer_label"]) + 1) % 4])]
     batch = model.build_batch(processor, [r for r, _ in pairs], [ids for _, ids in pairs])
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    opt = model.adamw(m, 3e-3, (0.9, 0.999), 0.01)  # torch's AdamW defaults, fused like the stages'
     for _ in range(SFT_STEPS):
         (-model.token_logprobs(m, batch).sum() / batch["completion_mask"].sum()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     model.save_checkpoint(m, processor, path, {"steps": SFT_STEPS}, dtype=torch.float32)
     torch.set_num_threads(threads)
-    return str(path)
 
 
 SFT_STEPS = 70

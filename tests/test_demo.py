@@ -10,7 +10,7 @@ from conftest import run_script
 from tools.demo_report import trend
 
 STEPS = "6"
-TWO_THREADS = {"OMP_NUM_THREADS": "2"}  # one process at a time here: both cores, like `make demo`
+TWO_THREADS = {"OMP_NUM_THREADS": "2"}  # like `make demo`
 
 
 def test_small_demo_learns(tmp_path):
