@@ -311,9 +311,14 @@ def to_device(batch: dict, device: torch.device | str) -> dict:
 MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float()  # (n, V) fp32
-    return logits.div_(temperature) if temperature != 1.0 else logits
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
+    """hidden @ weight.T / temperature into `out` (n, V) fp32, reused chunk after chunk: a fresh
+    155 MB tensor per chunk costs more in page faults on CPU than its matmul (benchmarks/RESULTS.md)."""
+    if weight.dtype == torch.float32:
+        torch.mm(hidden, weight.t(), out=out)
+    else:
+        out.copy_(F.linear(hidden, weight))
+    return out.div_(temperature) if temperature != 1.0 else out
 
 
 class LinearLogprobs(torch.autograd.Function):
@@ -321,34 +326,43 @@ class LinearLogprobs(torch.autograd.Function):
 
     Plain autograd would keep every chunk's (chunk x V) logits until backward; checkpointing each
     chunk instead makes autograd build one fresh V x H weight gradient per chunk and sum them. Here
-    backward recomputes a chunk's logits, turns them in place into their gradient
-    (g / T * (onehot(target) - softmax)) and adds the chunk's share of the weight gradient into one
-    buffer: the peak is about two chunks of fp32 logits plus one V x H gradient, whatever N is."""
+    forward keeps only each token's logsumexp, and backward recomputes a chunk's logits in the same
+    buffer, turns them in place into their gradient (g / T * (onehot(target) - softmax)) and adds
+    the chunk's share of the weight gradient into one buffer: the peak is one chunk of fp32 logits
+    (plus its compute-dtype copy below fp32) and one V x H gradient, whatever N is."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature: float, chunk: int):  # (N, H), (V, H), (N,)
-        out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
-        for i in range(0, len(targets), chunk):
-            logits = _chunk_logits(hidden[i:i + chunk], weight, temperature)
-            out[i:i + chunk] = logits.gather(-1, targets[i:i + chunk, None])[:, 0] - torch.logsumexp(logits, -1)
-        ctx.save_for_backward(hidden, weight, targets)
+        n = len(targets)
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        buf = torch.empty(min(chunk, n), len(weight), dtype=torch.float32, device=hidden.device)
+        for i in range(0, n, chunk):
+            logits = _chunk_logits(hidden[i:i + chunk], weight, temperature, buf[:min(chunk, n - i)])
+            top = logits.amax(-1, keepdim=True)
+            out[i:i + chunk] = logits.gather(-1, targets[i:i + chunk, None])[:, 0]
+            lse[i:i + chunk] = logits.sub_(top).exp_().sum(-1).log_().add_(top[:, 0])  # logsumexp, in place
+            out[i:i + chunk] -= lse[i:i + chunk]
+        ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, targets = ctx.saved_tensors
+        hidden, weight, targets, lse = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight) if want_weight else None
-        for i in range(0, len(targets), ctx.chunk):
-            h, g = hidden[i:i + ctx.chunk], grad_out[i:i + ctx.chunk] / ctx.temperature
-            logits = _chunk_logits(h, weight, ctx.temperature)
-            dlogits = logits.sub_(torch.logsumexp(logits, -1, keepdim=True)).exp_().mul_(-g[:, None])
-            dlogits[torch.arange(len(h), device=h.device), targets[i:i + ctx.chunk]] += g
+        n, chunk = len(targets), ctx.chunk
+        buf = torch.empty(min(chunk, n), len(weight), dtype=torch.float32, device=hidden.device)
+        for i in range(0, n, chunk):
+            h, g = hidden[i:i + chunk], grad_out[i:i + chunk] / ctx.temperature
+            logits = _chunk_logits(h, weight, ctx.temperature, buf[:len(h)])
+            dlogits = logits.sub_(lse[i:i + chunk, None]).exp_().mul_(-g[:, None])  # -g * softmax
+            dlogits[torch.arange(len(h), device=h.device), targets[i:i + chunk]] += g
             dlogits = dlogits.to(weight.dtype)
             if want_hidden:
-                grad_hidden[i:i + ctx.chunk] = dlogits @ weight
+                torch.mm(dlogits, weight, out=grad_hidden[i:i + chunk])
             if want_weight:
                 torch.addmm(grad_weight, dlogits.t(), h, out=grad_weight)  # in place (and seen by FlopCounterMode)
         return grad_hidden, grad_weight, None, None, None

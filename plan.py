@@ -18,9 +18,9 @@ What is counted, per GPU (B sequences of T tokens per micro-batch, P parameters,
              one layer's recomputed activations (per token: c*(13H + 4Hkv + 6I) + 8H bytes, c the
              compute dtype's size: norms, q/k/v, RoPE copies, attention output, SwiGLU's four
              I-wide tensors, their gradients; RMSNorm computes in fp32), the boolean causal mask
-             (B*T*T) and one chunk of the log-prob head (chunk x vocab x (c + 8) bytes: model.LinearLogprobs'
-             backward holds the fp32 logits, logsumexp's fp32 temporary and the compute-dtype
-             copy of the logits' gradient). Without
+             (B*T*T) and one chunk of the log-prob head (chunk x vocab x (4 + c) bytes, 4 in fp32:
+             model.LinearLogprobs' backward holds one buffer of fp32 logits, turned in place into
+             their gradient, and that gradient's copy in a compute dtype below fp32). Without
              checkpointing, every layer's activations.
   reference  (GRPO, KL > 0) fp32 shards 4P/W on the GPU, or in host memory with --ref-offload.
   vLLM       (GRPO) while awake it holds --gpu-memory-utilization x GPU memory: weights / tensor
@@ -303,7 +303,7 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
     else:
         saved, working = s.layers * lm_layer * tokens + s.v_depth * v_block * patches, 0
     chunk = min(LOGPROB_CHUNK, r.micro_batch * r.logit_tokens)
-    head = chunk * s.vocab * (c + 8)
+    head = chunk * s.vocab * (4 + (c if c < 4 else 0))         # fp32 logits, their compute-dtype copy
     hidden = 2 * c * tokens * s.hidden + r.micro_batch * r.seq_len ** 2  # final hidden states, their grad; bool mask
     root = c * n["root"]                                       # gathered for the whole forward and backward
     head_grad = c * s.vocab * s.hidden                         # lm_head's unsharded gradient, from the first chunk on
