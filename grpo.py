@@ -340,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
                             [encoded[id(samples[i][0])] for i in idx], [samples[i][1].token_ids for i in idx], pad), device)
                         batch_of[u, k] = (b, None if on_policy else M.token_logprobs(policy, b, args.temperature),
                                           M.token_logprobs(ref, b, args.temperature) if ref is not None else None)
+            M.reshard(policy, ref)  # no backward follows these forwards: free the gathered roots
             # canary: the engine's log-probs must match the trainer's (a stale sync shows up here)
             gaps = [canary(samples, updates[u][k], old, b["completion_mask"]) for (u, k), (b, old, _) in batch_of.items()
                     if updates[u][k] is not None and old is not None]

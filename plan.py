@@ -22,7 +22,8 @@ What is counted, per GPU (B sequences of T tokens per micro-batch, P parameters,
              model.LinearLogprobs' backward holds one buffer of fp32 logits, turned in place into
              their gradient, and that gradient's copy in a compute dtype below fp32). Without
              checkpointing, every layer's activations.
-  reference  (GRPO, KL > 0) fp32 shards 4P/W on the GPU, or in host memory with --ref-offload.
+  reference  (GRPO, KL > 0) fp32 shards 4P/W on the GPU, or in host memory with --ref-offload (its
+             root unit, gathered for its forwards, is freed after them: model.reshard).
   vLLM       (GRPO) while awake it holds --gpu-memory-utilization x GPU memory: weights / tensor
              parallel, its activations and CUDA graphs (VLLM_OVERHEAD_GIB, an estimate: vLLM logs
              its own numbers at start-up) and the KV cache (the rest). Asleep (level 1) it holds

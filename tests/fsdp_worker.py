@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model  # noqa: E402
@@ -59,6 +60,11 @@ def main() -> None:
         torch.distributed.all_gather_object(buffers, ({k: v.clone() for k, v in policy.named_buffers()},
                                                       policy.generation_config.to_dict()))
         norms = train(policy, [[micro_batch(processor, s, rank)] for s in range(STEPS)])
+        with torch.no_grad():  # a forward without backward leaves the root gathered; model.reshard frees it
+            model.token_logprobs(policy, micro_batch(processor, 0, rank))
+        gathered_after_no_grad = not isinstance(policy.lm_head.weight, DTensor)
+        model.reshard(policy)
+        sharded_after_reshard = isinstance(policy.lm_head.weight, DTensor)
         sharded = {k: v.clone() for k, v in model.full_state_items(policy)}
         model.save_checkpoint(policy, processor, out / "ckpt", {"step": STEPS}, dtype=torch.float32)
         del policy
@@ -76,6 +82,7 @@ def main() -> None:
                 "buffers_identical": [sum(torch.equal(b[k], plain_buffers[k]) for k in plain_buffers)
                                       if set(b) == set(plain_buffers) else -1 for b, _ in buffers],
                 "generation_config_equal": [g == plain.generation_config.to_dict() for _, g in buffers],
+                "gathered_after_no_grad": gathered_after_no_grad, "sharded_after_reshard": sharded_after_reshard,
                 "world": world, "norms": norms, "ref_norms": ref_norms,
                 "keys_equal": set(sharded) == set(ref_sd) == set(saved),
                 "identical": sum(torch.equal(sharded[k], ref_sd[k]) for k in ref_sd),

@@ -16,6 +16,8 @@ def test_fsdp2_two_ranks_bit_identical_to_one_process(tiny_path, tmp_path):
     assert result["load_keys_equal"] and result["load_identical"] == result["tensors"]
     assert result["buffers"] == 4 and result["buffers_identical"] == [result["buffers"]] * 2
     assert result["generation_config_equal"] == [True, True]
+    # a no-grad forward leaves the root unit gathered (no backward to reshard it); model.reshard frees it
+    assert result["gathered_after_no_grad"] and result["sharded_after_reshard"]
     assert result["moved"] == result["tensors"]  # every weight trained
     assert result["identical"] == result["tensors"], result["max_diff"]
     assert result["saved_identical"] == result["tensors"]
