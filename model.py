@@ -344,7 +344,9 @@ class LinearLogprobs(torch.autograd.Function):
             lse[i:i + chunk] = logits.sub_(top).exp_().sum(-1).log_().add_(top[:, 0])  # logsumexp, in place
             out[i:i + chunk] -= lse[i:i + chunk]
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        # backward runs right after the loss (this is the graph's last op), so the buffer it needs anyway
+        # is kept for it: its pages are not faulted in again. Under no_grad ctx is dropped, and it with it.
+        ctx.temperature, ctx.chunk, ctx.buf = temperature, chunk, buf
         return out
 
     @staticmethod
@@ -353,8 +355,8 @@ class LinearLogprobs(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight) if want_weight else None
-        n, chunk = len(targets), ctx.chunk
-        buf = torch.empty(min(chunk, n), len(weight), dtype=torch.float32, device=hidden.device)
+        n, chunk, buf = len(targets), ctx.chunk, ctx.buf
+        del ctx.buf  # freed when this backward returns, before the decoder's backward
         for i in range(0, n, chunk):
             h, g = hidden[i:i + chunk], grad_out[i:i + chunk] / ctx.temperature
             logits = _chunk_logits(h, weight, ctx.temperature, buf[:len(h)])
