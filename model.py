@@ -446,8 +446,8 @@ def print0(*args, **kwargs) -> None:
 
 def shard_model(model, param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype = torch.float32,
                 cpu_offload: bool = False):
-    """FSDP2 over all ranks: one unit per vision block and per decoder layer, then the root (embeddings,
-    lm_head, norms, the patch merger). param_dtype=torch.bfloat16 computes in bf16 while the sharded
+    """FSDP2 over all ranks: one unit per vision block and per decoder layer, untied input embeddings,
+    then the root (lm_head, norms, the patch merger). param_dtype=torch.bfloat16 computes in bf16 while the sharded
     master weights and the gradient reduction stay fp32. Returns the same (now sharded) model."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
@@ -460,6 +460,11 @@ def shard_model(model, param_dtype: torch.dtype | None = None, reduce_dtype: tor
         fully_shard(block, **kw)
     for layer in model.model.language_model.layers:
         fully_shard(layer, **kw)
+    # Untied input embeddings as a unit of their own: gathered for the lookup and again for their
+    # backward, not through the whole micro-batch like the root (1 GB per GPU for 7B in bf16).
+    # Tied ones (3B) are lm_head's weight and stay in the root.
+    if model.get_input_embeddings().weight is not model.lm_head.weight:
+        fully_shard(model.get_input_embeddings(), **kw)
     fully_shard(model, **kw)
     # token_logprobs calls model.model and lm_head directly, not model.forward; registering it as a
     # forward method makes FSDP2 gather the root's parameters around it (like it does for generate).
