@@ -355,8 +355,10 @@ class LinearLogprobs(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight) if want_weight else None
-        n, chunk, buf = len(targets), ctx.chunk, ctx.buf
-        del ctx.buf  # freed when this backward returns, before the decoder's backward
+        n, chunk = len(targets), ctx.chunk
+        buf, ctx.buf = ctx.buf, None  # freed when this backward returns, before the decoder's backward
+        if buf is None:  # a second backward through the same graph (retain_graph=True)
+            buf = torch.empty(min(chunk, n), len(weight), dtype=torch.float32, device=hidden.device)
         for i in range(0, n, chunk):
             h, g = hidden[i:i + chunk], grad_out[i:i + chunk] / ctx.temperature
             logits = _chunk_logits(h, weight, ctx.temperature, buf[:len(h)])
@@ -446,9 +448,10 @@ def print0(*args, **kwargs) -> None:
 
 def shard_model(model, param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype = torch.float32,
                 cpu_offload: bool = False):
-    """FSDP2 over all ranks: one unit per vision block and per decoder layer, untied input embeddings,
-    then the root (lm_head, norms, the patch merger). param_dtype=torch.bfloat16 computes in bf16 while the sharded
-    master weights and the gradient reduction stay fp32. Returns the same (now sharded) model."""
+    """FSDP2 over all ranks: one unit per vision block and per decoder layer, untied input
+    embeddings, then the root (lm_head, norms, the patch merger). param_dtype=torch.bfloat16 computes
+    in bf16 while the sharded master weights and the gradient reduction stay fp32. Returns the same
+    (now sharded) model."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
                                         register_fsdp_forward_method)
@@ -479,8 +482,8 @@ def reshard(*models) -> None:
 
     After a backward FSDP2 reshards every unit; after a forward it reshards all but the root, which
     it keeps for the backward it expects. A frozen reference model never runs one, so its gathered
-    embeddings and lm_head would stay allocated through the policy's update (156 MB for the tiny
-    model, ~2 GB per GPU for 7B in bf16). Plain modules and already sharded ones are left as they are."""
+    lm_head (and tied embeddings) would stay allocated through the policy's update (78 MB for the
+    tiny model, ~1 GB per GPU for 7B in bf16). Plain modules and sharded ones are left as they are."""
     for m in models:
         if hasattr(m, "reshard"):
             m.reshard()

@@ -93,15 +93,19 @@ def test_update_logprobs_are_the_old_ones(tiny_path, processor, rows):
 
 def test_linear_logprobs_backward_with_temperature():
     """LinearLogprobs' hand-written backward (chunks of 8, temperature 2, uneven upstream gradient)
-    against autograd through the full log_softmax."""
+    against autograd through the full log_softmax, twice through one graph."""
     torch.manual_seed(0)
     h, w, t, g = torch.randn(37, 16, requires_grad=True), torch.randn(50, 16, requires_grad=True), \
         torch.randint(0, 50, (37,)), torch.randn(37)
     ours = model.LinearLogprobs.apply(h, w, t, 2.0, 8)
     ref = torch.log_softmax(h @ w.T / 2.0, -1).gather(-1, t[:, None])[:, 0]
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
-    for a, b in zip(torch.autograd.grad((ours * g).sum(), (h, w)), torch.autograd.grad((ref * g).sum(), (h, w))):
+    loss = (ours * g).sum()
+    first = torch.autograd.grad(loss, (h, w), retain_graph=True)
+    again = torch.autograd.grad(loss, (h, w))  # a second backward through the same graph
+    for a, b, c in zip(first, torch.autograd.grad((ref * g).sum(), (h, w)), again):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        assert torch.equal(a, c)
 
 
 def test_temperature_scales_logits(tiny_model, processor, rows):
