@@ -143,6 +143,22 @@ def test_plan_matches_memory_measured_on_two_ranks(tiny_path):
         assert 0.85 * planned < measured < 1.15 * planned
 
 
+def test_train_step_benchmark_counts_its_tokens_and_flops(tiny_path, tmp_path):
+    """benchmarks/train_step.py (the GPU MFU benchmark) on CPU with the tiny model: it trains, and its
+    tokens/s and TFLOP/s are the batches' real tokens and plan.flops over its step time."""
+    out = tmp_path / "step.json"
+    run = run_script("benchmarks/train_step.py", ["--model", "tiny", "--dtype", "float32", "--seq-len", "96",
+                                                  "--image-tokens", "6", "--completion", "32", "--micro-batch", "2",
+                                                  "--micro-batches", "2", "--steps", "2", "--skip", "1", "--json", str(out)])
+    assert run.returncode == 0, run.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["tokens_per_s_per_gpu"] * r["s_per_step"] == pytest.approx(2 * 2 * 96)
+    grids = [(1, 2 * 2, 2 * 3)] * 2  # 6 merged tokens: 2 x 3, of 4 patches each
+    expected = 2 * plan.flops(plan.shapes(tiny_path), [96, 96], 2 * 32, grids)
+    assert r["tflops_per_gpu"] * 1e12 * r["s_per_step"] == pytest.approx(expected)
+    assert r["mfu"] is None and "| tiny | 1 | cpu | float32 | on | 2 x 2 x 96 |" in run.stdout
+
+
 # ---- refusals and the command line ----
 
 def test_impossible_configuration_is_refused_before_anything_loads(toy_data, tmp_path):
