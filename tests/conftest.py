@@ -114,8 +114,9 @@ def sft_tiny(tiny_path, processor) -> str:
     that its samples are sometimes right and sometimes wrong (GRPO then has non-zero advantages).
     Built once per machine (cached next to the tiny model), ~1.5 minutes."""
     import model
+    import tiny
 
-    path = model.CACHE_DIR / f"tiny-{model.TINY_VERSION}-grpo-start-v2"
+    path = model.CACHE_DIR / f"tiny-{tiny.TINY_VERSION}-grpo-start-v2"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as lock:  # pytest-xdist: one worker builds it
         fcntl.flock(lock, fcntl.LOCK_EX)

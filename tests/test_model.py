@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import model
+import tiny
 from conftest import ROOT, SCRIPT_ENV
 
 
@@ -176,8 +177,8 @@ def test_save_load_round_trip(tiny_model, processor, tmp_path):
 
 
 def test_tiny_is_deterministic_per_seed(tmp_path):
-    a = model.build_tiny(tmp_path / "a", seed=3)
-    b = model.build_tiny(tmp_path / "b", seed=3)
+    a = tiny.build_tiny(tmp_path / "a", seed=3)
+    b = tiny.build_tiny(tmp_path / "b", seed=3)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
 
