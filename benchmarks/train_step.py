@@ -2,7 +2,7 @@
 the paper's lengths; tokens/s and model FLOPs utilisation, bf16, gradient checkpointing on or off.
 
     python benchmarks/train_step.py --model qwen2.5-vl-3b                          # one GPU
-    python benchmarks/train_step.py --model qwen2.5-vl-3b --no-gradient-checkpointing --micro-batch 1
+    python benchmarks/train_step.py --model qwen2.5-vl-3b --no-gradient-checkpointing --micro-batch 1   # H200
     torchrun --nproc_per_node 8 benchmarks/train_step.py --model qwen2.5-vl-7b
     python benchmarks/train_step.py --model tiny --dtype float32 --seq-len 256 --image-tokens 16 \\
         --completion 64 --micro-batch 2 --steps 2 --skip 1                          # a CPU smoke run
@@ -23,6 +23,7 @@ first --skip steps (start-up, allocator warm-up) are left out of the means.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -67,7 +68,8 @@ def random_batch(config, args, generator: torch.Generator) -> dict:
     vision = config.vision_config
     patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
     ids = torch.randint(0, 151643, (B, T), generator=generator)
-    ids[:, 0], ids[:, 1:n + 1], ids[:, n + 1] = config.vision_start_token_id, config.image_token_id, config.vision_end_token_id
+    ids[:, 0], ids[:, n + 1] = config.vision_start_token_id, config.vision_end_token_id
+    ids[:, 1:n + 1] = config.image_token_id
     mm = torch.zeros(B, T, dtype=torch.long)
     mm[:, 1:n + 1] = 1
     completion = torch.zeros(B, T, dtype=torch.bool)
@@ -90,11 +92,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--skip", type=int, default=2, help="first steps left out of the means")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak (default: plan.PEAK_TFLOPS)")
+    p.add_argument("--gpu-memory-gb", type=float, default=None, help="plan for GPUs of this size (default: this one's)")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args()
     if not 0 < args.completion < args.seq_len - args.image_tokens - 1 or args.skip >= args.steps:
         raise SystemExit("need 0 < --completion < --seq-len - --image-tokens - 1 and --skip < --steps")
 
+    if torch.cuda.is_available() or args.gpu_memory_gb:  # the memory planner first, like sft.py (exit 2)
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        P.check(P.shapes(args.model), P.Run(
+            "sft", world, micro_batch=args.micro_batch, seq_len=args.seq_len, logit_tokens=args.completion,
+            image_tokens=args.image_tokens, compute_bytes=getattr(torch, args.dtype).itemsize,
+            checkpointing=not args.no_gradient_checkpointing, gpu_gib=P.gpu_gib(args.gpu_memory_gb),
+            ranks_per_node=P.ranks_per_node(world)), args.model, show=False)
     rank, world, device = M.init_distributed()
     try:
         path = random_checkpoint(args.model)

@@ -147,9 +147,11 @@ def test_train_step_benchmark_counts_its_tokens_and_flops(tiny_path, tmp_path):
     """benchmarks/train_step.py (the GPU MFU benchmark) on CPU with the tiny model: it trains, and its
     tokens/s and TFLOP/s are the batches' real tokens and plan.flops over its step time."""
     out = tmp_path / "step.json"
-    run = run_script("benchmarks/train_step.py", ["--model", "tiny", "--dtype", "float32", "--seq-len", "96",
-                                                  "--image-tokens", "6", "--completion", "32", "--micro-batch", "2",
-                                                  "--micro-batches", "2", "--steps", "2", "--skip", "1", "--json", str(out)])
+    flags = ["--model", "tiny", "--dtype", "float32", "--seq-len", "96", "--image-tokens", "6", "--completion", "32",
+             "--micro-batch", "2", "--micro-batches", "2", "--steps", "2", "--skip", "1", "--json", str(out)]
+    refused = run_script("benchmarks/train_step.py", flags + ["--gpu-memory-gb", "0.01"])  # the planner, first
+    assert refused.returncode == 2 and "DOES NOT FIT" in refused.stdout and not out.exists(), refused.stderr[-3000:]
+    run = run_script("benchmarks/train_step.py", flags + ["--gpu-memory-gb", "80"])
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["tokens_per_s_per_gpu"] * r["s_per_step"] == pytest.approx(2 * 2 * 96)
