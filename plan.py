@@ -315,7 +315,8 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
     rows = [("policy weights (fp32, sharded)", 4 * P / W, "always"),
             ("AdamW m and v (fp32, sharded)", 8 * P / W, "always"),
             ("gradients (fp32, sharded)", 4 * P / W, "update"),
-            (f"FSDP2 root unit gathered (lm_head, {'tied embeddings, ' if s.tied else ''}merger)", root, "update"),
+            ("FSDP2 root unit gathered (lm_head, merger; tied embeddings)", root, "update"),
+            ("FSDP2 untied embeddings gathered (forward start, backward end)", c * n["embed"], "update B"),
             ("lm_head gradient, unsharded", head_grad, "update A+C"),
             (f"activations: {'saved layer inputs' if r.checkpointing else 'every layer, kept'} "
              f"({r.micro_batch} x {r.seq_len} tokens)", saved, "update A+C"),
@@ -324,8 +325,6 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
             ("activations: one layer recomputed", working, "update C"),
             ("FSDP2 two blocks gathered, gradient", blocks, "update C"),
             ("root and embedding gradients + fp32 reduce-scatter input", reduce, "update B")]
-    if n["embed"]:
-        rows.insert(4, ("FSDP2 untied embeddings gathered (forward start, backward end)", c * n["embed"], "update B"))
     if r.ref == "gpu":
         rows.append(("reference model (fp32, sharded)", 4 * P / W, "always"))
     problems, kv_tokens = [], 0
@@ -377,7 +376,7 @@ def describe(s: Shapes, r: Run, plan: Plan, name: str) -> str:
              f"gradient checkpointing {'on' if r.checkpointing else 'off'}",
              f"  {'per GPU':<62} {'GiB':>7}  held during"]
     lines += [f"  {what:<62} {gib:7.2f}  {when}" for what, gib, when in plan.rows]
-    lines.append("  update moments: A the log-prob head's backward, C a layer's backward, B the embeddings' backward and the root's reduce-scatter")
+    lines.append("  update moments: A the log-prob head's backward, C a layer's backward, B the root's reduce-scatter")
     lines.append("  peak: " + ", ".join(f"{ph} {gib:.1f} GiB" for ph, gib in plan.phases.items())
                  + f" of {r.gpu_gib:g} GiB")
     lines.append(f"  {'host memory per node':<62} {'GiB':>7}")
