@@ -323,10 +323,9 @@ def print0(*args, **kwargs) -> None:
 
 def shard_model(model, param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype = torch.float32,
                 cpu_offload: bool = False):
-    """FSDP2 over all ranks: one unit per vision block and per decoder layer, untied input
-    embeddings, then the root (lm_head, norms, the patch merger). param_dtype=torch.bfloat16 computes
-    in bf16 while the sharded master weights and the gradient reduction stay fp32. Returns the same
-    (now sharded) model."""
+    """FSDP2 over all ranks: one unit per vision block and per decoder layer, then the root (embeddings,
+    lm_head, norms, the patch merger). param_dtype=torch.bfloat16 computes in bf16 while the sharded
+    master weights and the gradient reduction stay fp32. Returns the same (now sharded) model."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
                                         register_fsdp_forward_method)
@@ -338,11 +337,6 @@ def shard_model(model, param_dtype: torch.dtype | None = None, reduce_dtype: tor
         fully_shard(block, **kw)
     for layer in model.model.language_model.layers:
         fully_shard(layer, **kw)
-    # Untied input embeddings as a unit of their own: gathered for the lookup and again for their
-    # backward, not through the whole micro-batch like the root (1 GB per GPU for 7B in bf16).
-    # Tied ones (3B) are lm_head's weight and stay in the root.
-    if model.get_input_embeddings().weight is not model.lm_head.weight:
-        fully_shard(model.get_input_embeddings(), **kw)
     fully_shard(model, **kw)
     # token_logprobs calls model.model and lm_head directly, not model.forward; registering it as a
     # forward method makes FSDP2 gather the root's parameters around it (like it does for generate).
@@ -357,8 +351,8 @@ def reshard(*models) -> None:
 
     After a backward FSDP2 reshards every unit; after a forward it reshards all but the root, which
     it keeps for the backward it expects. A frozen reference model never runs one, so its gathered
-    lm_head (and tied embeddings) would stay allocated through the policy's update (78 MB for the
-    tiny model, ~1 GB per GPU for 7B in bf16). Plain modules and sharded ones are left as they are."""
+    embeddings and lm_head would stay allocated through the policy's update (156 MB for the tiny
+    model, ~2 GB per GPU for 7B in bf16). Plain modules and sharded ones are left as they are."""
     for m in models:
         if hasattr(m, "reshard"):
             m.reshard()

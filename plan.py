@@ -11,10 +11,9 @@ What is counted, per GPU (B sequences of T tokens per micro-batch, P parameters,
   policy     fp32 master weights, gradients (update phase only: set to None after each step) and
              AdamW's m and v, all FSDP2-sharded: 4P/W each, 8P/W for m and v.
   gathered   FSDP2's unsharded units in the compute dtype during forward/backward: the root unit
-             (lm_head, final norm, the vision merger; the embeddings when tied) stays gathered for
-             the whole micro-batch, with its unsharded gradient and that gradient's fp32 copy for
-             the reduce-scatter; untied embeddings (a unit of their own) only at the forward's
-             start and the backward's end; plus two blocks (the current one and the prefetched next).
+             (embeddings, lm_head, final norm, the vision merger) stays gathered for the whole
+             micro-batch, with its unsharded gradient and that gradient's fp32 copy for the
+             reduce-scatter; plus two blocks (the current one and the prefetched next).
   activations with gradient checkpointing: every decoder layer's and vision block's input (B*T*H),
              one layer's recomputed activations (per token: c*(13H + 4Hkv + 6I) + 8H bytes, c the
              compute dtype's size: norms, q/k/v, RoPE copies, attention output, SwiGLU's four
@@ -126,8 +125,8 @@ def shapes(name: str) -> Shapes:
 
 def param_counts(s: Shapes) -> dict[str, int]:
     """Exact parameter counts of Qwen2_5_VLForConditionalGeneration: the decoder layers, the vision
-    blocks, untied input embeddings (their own unit; 0 when tied to lm_head) and the root unit of
-    model.shard_model (everything else: lm_head, tied embeddings, norm, patch embedding, merger)."""
+    blocks, and the root unit of model.shard_model (everything else: embeddings, lm_head, norm,
+    patch embedding, merger)."""
     kv = s.kv_heads * s.head_dim
     layer = s.hidden * (s.heads * s.head_dim) + s.heads * s.head_dim + 2 * (s.hidden * kv + kv) \
         + s.heads * s.head_dim * s.hidden + 3 * s.hidden * s.intermediate + 2 * s.hidden      # q,k,v (+bias), o, MLP, 2 norms
@@ -135,10 +134,9 @@ def param_counts(s: Shapes) -> dict[str, int]:
     block = vh * 3 * vh + 3 * vh + vh * vh + vh + 2 * (vh * vi + vi) + vi * vh + vh + 2 * vh    # qkv, proj, gate/up/down, norms
     merged = vh * s.merge ** 2
     vision_root = s.patch_dim * vh + vh + merged * merged + merged + merged * s.v_out + s.v_out  # patch embed; merger
-    embed = 0 if s.tied else s.vocab * s.hidden                # untied input embeddings: a unit of their own
-    root = s.vocab * s.hidden + s.hidden + vision_root          # lm_head (= the embeddings when tied), norm
-    return {"total": s.layers * layer + s.v_depth * block + embed + root, "vision": s.v_depth * block + vision_root,
-            "layer": layer, "block": block, "embed": embed, "root": root}
+    root = s.vocab * s.hidden * (1 if s.tied else 2) + s.hidden + vision_root  # embeddings, lm_head unless tied, norm
+    return {"total": s.layers * layer + s.v_depth * block + root, "vision": s.v_depth * block + vision_root,
+            "layer": layer, "block": block, "root": root}
 
 
 # ---- FLOPs: what MFU divides by the device's peak ----
@@ -311,12 +309,11 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
     root = c * n["root"]                                       # gathered for the whole forward and backward
     head_grad = c * s.vocab * s.hidden                         # lm_head's unsharded gradient, from the first chunk on
     blocks = (3 * c + 4) * max(n["layer"], n["block"])         # two gathered blocks, one's gradient and its fp32 copy
-    reduce = (c + 4) * (n["root"] + n["embed"])                # gradients and fp32 reduce-scatter inputs
+    reduce = (c + 4) * n["root"]                               # the root's gradients and fp32 reduce-scatter input
     rows = [("policy weights (fp32, sharded)", 4 * P / W, "always"),
             ("AdamW m and v (fp32, sharded)", 8 * P / W, "always"),
             ("gradients (fp32, sharded)", 4 * P / W, "update"),
-            ("FSDP2 root unit gathered (lm_head, merger; tied embeddings)", root, "update"),
-            ("FSDP2 untied embeddings gathered (forward start, backward end)", c * n["embed"], "update B"),
+            ("FSDP2 root unit gathered (embeddings, lm_head, merger)", root, "update"),
             ("lm_head gradient, unsharded", head_grad, "update A+C"),
             (f"activations: {'saved layer inputs' if r.checkpointing else 'every layer, kept'} "
              f"({r.micro_batch} x {r.seq_len} tokens)", saved, "update A+C"),
@@ -324,7 +321,7 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
             (f"log-prob chunk ({chunk} x {s.vocab})", head, "update A"),
             ("activations: one layer recomputed", working, "update C"),
             ("FSDP2 two blocks gathered, gradient", blocks, "update C"),
-            ("root and embedding gradients + fp32 reduce-scatter input", reduce, "update B")]
+            ("root gradients + fp32 reduce-scatter input", reduce, "update B")]
     if r.ref == "gpu":
         rows.append(("reference model (fp32, sharded)", 4 * P / W, "always"))
     problems, kv_tokens = [], 0
@@ -348,7 +345,7 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
     # The update's peak is the largest of three moments of a micro-batch's backward:
     #   A  the log-prob head's backward (its first step): every layer's saved input still held
     #   C  a layer's backward: its recomputed activations, two gathered blocks
-    #   B  the embeddings' backward and the root unit's reduce-scatter (its last step): activations gone
+    #   B  the root unit's reduce-scatter (its last step): activations gone
     held = lambda pick: sum(g for _, g, when in rows if pick(when))  # noqa: E731
     phases = {"rollout": held(lambda w: w in ("always", "rollout"))} if r.vllm else {}
     phases["update"] = held(lambda w: w in ("always", "update")) + max(

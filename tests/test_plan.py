@@ -31,9 +31,7 @@ def test_builtin_shapes_build_the_published_models(hub_id):
     assert counts["total"] == sum(p.numel() for p in m.parameters())       # tied weights counted once
     assert counts["vision"] == sum(p.numel() for p in m.model.visual.parameters())
     assert counts["layer"] == sum(p.numel() for p in m.model.language_model.layers[0].parameters())
-    embed = m.get_input_embeddings().weight
-    assert counts["embed"] == (0 if embed is m.lm_head.weight else embed.numel())  # a unit of its own when untied
-    assert counts["root"] == counts["total"] - counts["embed"] - sum(p.numel() for b in blocks for p in b.parameters())
+    assert counts["root"] == counts["total"] - sum(p.numel() for b in blocks for p in b.parameters())
     # the checkpoints' parameter counts as loaded by transformers (the hub's numParameters for 7B)
     published = {"3B": 3_754_622_976, "7B": 8_292_166_656, "32B": 33_452_718_336}[hub_id.split("-")[-2]]
     assert counts["total"] == published
@@ -123,8 +121,8 @@ def worker() -> None:
 def test_plan_matches_memory_measured_on_two_ranks(tiny_path):
     run = run_script("tests/test_plan.py", ["worker"], ranks=2)
     assert run.returncode == 0, run.stderr[-3000:]
-    ranks = [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{"rank"')]
-    assert len(ranks) == 2, run.stdout[-3000:]
+    ranks = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(ranks) == 2
     shapes = plan.shapes(tiny_path)
     P = plan.param_counts(shapes)["total"]
     r = plan.Run("sft", world=2, micro_batch=MICRO, seq_len=ranks[0]["seq_len"], logit_tokens=COMPLETION,
