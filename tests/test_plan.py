@@ -121,8 +121,8 @@ def worker() -> None:
 def test_plan_matches_memory_measured_on_two_ranks(tiny_path):
     run = run_script("tests/test_plan.py", ["worker"], ranks=2)
     assert run.returncode == 0, run.stderr[-3000:]
-    ranks = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert len(ranks) == 2
+    ranks = [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{"rank"')]
+    assert len(ranks) == 2, run.stdout[-3000:]
     shapes = plan.shapes(tiny_path)
     P = plan.param_counts(shapes)["total"]
     r = plan.Run("sft", world=2, micro_batch=MICRO, seq_len=ranks[0]["seq_len"], logit_tokens=COMPLETION,
