@@ -196,6 +196,10 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float
     return out.div_(temperature) if temperature != 1.0 else out
 
 
+def _logits_buffer(hidden: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.empty(rows, len(weight), dtype=torch.float32, device=hidden.device)  # (rows, V) fp32
+
+
 class LinearLogprobs(torch.autograd.Function):
     """log_softmax(hidden @ weight.T / temperature)[targets] for N tokens, `chunk` tokens at a time.
 
@@ -211,7 +215,7 @@ class LinearLogprobs(torch.autograd.Function):
         n = len(targets)
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        buf = torch.empty(min(chunk, n), len(weight), dtype=torch.float32, device=hidden.device)
+        buf = _logits_buffer(hidden, weight, min(chunk, n))
         for i in range(0, n, chunk):
             logits = _chunk_logits(hidden[i:i + chunk], weight, temperature, buf[:min(chunk, n - i)])
             top = logits.amax(-1, keepdim=True)
@@ -233,7 +237,7 @@ class LinearLogprobs(torch.autograd.Function):
         n, chunk = len(targets), ctx.chunk
         buf, ctx.buf = ctx.buf, None  # freed when this backward returns, before the decoder's backward
         if buf is None:  # a second backward through the same graph (retain_graph=True)
-            buf = torch.empty(min(chunk, n), len(weight), dtype=torch.float32, device=hidden.device)
+            buf = _logits_buffer(hidden, weight, min(chunk, n))
         for i in range(0, n, chunk):
             h, g = hidden[i:i + chunk], grad_out[i:i + chunk] / ctx.temperature
             logits = _chunk_logits(h, weight, ctx.temperature, buf[:len(h)])
