@@ -6,6 +6,9 @@ One step, in this order (see `main`):
   advantages  per prompt group: (r - mean) / (std + 1e-6)
   log-probs   old log-probs (the policy before this step's updates; with one update per step they
               are the update's own, detached) and the frozen reference's
+  batches     the step's sequences split over the ranks by their tokens (verl's balance_batch), each
+              rank's cut into mini-batches (one per optimizer update) and micro-batches of 32 sequences,
+              each run packed (one row, no padding) in forwards of at most --max-tokens-per-forward tokens
   update      per mini-batch: clipped policy loss + k3 KL over micro-batches, clip the gradient norm,
               AdamW step (2 mini-batches per step by default, one PPO epoch)
   sync        stream the new weights into vLLM, reset its caches
@@ -14,8 +17,10 @@ One step, in this order (see `main`):
 Defaults are the MedVLThinker recipe (SPEC.md section 5): 256 prompts x 8 completions per step,
 mini-batch 128 prompts, lr 1e-6 constant, AdamW (0.9, 0.999, wd 0.01), grad clip 1.0, KL 0.01
 (k3, clamped), clip 0.2/0.2, dual clip 3.0, max 2048 prompt / 4096 response tokens, T = 1.0,
-loss averaged per micro-batch like verl@54b2677 (`--loss-agg token-global` is the correct mean).
-Left out on purpose: entropy bonus (0 in the recipe), critic, reward models, sequence packing.
+loss averaged per micro-batch like verl@54b2677 (`--loss-agg token-global` is the correct mean), and
+verl's update batches (balance_batch, 32 sequences per micro-batch, use_remove_padding): which
+sequences share a micro-batch sets each token's weight under that average.
+Left out on purpose: entropy bonus (0 in the recipe), critic, reward models.
 
     python grpo.py --model tiny --data DATA --prompts-per-step 4 --mini-batch 2 ...   # 1 process, CPU
     torchrun --nproc_per_node 8 grpo.py --model qwen2.5-vl-7b --data DATA              # 1 node
@@ -27,11 +32,13 @@ complete checkpoint in --out with --resume.
 """
 
 import argparse
+import heapq
 import json
 import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,7 +73,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--vllm-dtype", default="auto", help="vLLM weights dtype (auto: the checkpoint's; float32 on CPU for exact canaries)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--mini-batch", type=int, default=128, help="prompts per optimizer update, all ranks together")
-    g.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward on one rank")
+    g.add_argument("--micro-batch", type=int, default=32,
+                   help="sequences per micro-batch on one rank (the paper's ppo_micro_batch_size_per_gpu: 32 for 3B/7B, "
+                        "16 for 32B); with token-microbatch it sets each token's weight")
+    g.add_argument("--max-tokens-per-forward", type=int, default=P.DEFAULT_TOKENS_PER_FORWARD,
+                   help="a micro-batch with more tokens runs as several forwards/backwards with the micro-batch's "
+                        "normalisation (the same gradient, memory bounded by this; every recipe model fits 80 GiB "
+                        "GPUs with it in the memory plan); 0: never split")
+    g.add_argument("--no-packing", action="store_true",
+                   help="right-pad each forward's sequences to the longest instead of packing them into one row")
+    g.add_argument("--no-balance", action="store_true",
+                   help="each rank trains its own rollouts instead of verl's balanced split of the step's sequences")
     g.add_argument("--lr", type=float, default=1e-6, help="constant learning rate (after --warmup-steps)")
     g.add_argument("--warmup-steps", type=int, default=0,
                    help="linear warm-up over this many steps (0: none, the recipe; the demo's high lr needs it)")
@@ -138,8 +155,8 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip_low: float = 0.2,
                         clip_high: float = 0.2, dual_clip: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate per token, with the dual clip for negative advantages.
-    logp, old_logp (B, T); adv (B,) one per sequence. Returns (loss (B, T), clipped (B, T) bool)."""
-    adv = adv[:, None]                                         # (B, 1), broadcast over tokens
+    logp, old_logp (B, T); adv (B, T) or (B, 1): each sequence's advantage on its tokens (per_token).
+    Returns (loss (B, T), clipped (B, T) bool)."""
     ratio = (logp - old_logp).clamp(-20, 20).exp()             # (B, T)
     loss_unclipped = -adv * ratio
     loss_clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
@@ -150,8 +167,8 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.T
 
 
 def aggregate(loss_tok: torch.Tensor, mask: torch.Tensor, mode: str, num_micro_batches: int = 1,
-              global_tokens: int | None = None, world_size: int = 1) -> torch.Tensor:
-    """Per-token loss (B, T) -> the scalar this micro-batch backpropagates.
+              global_tokens: int | None = None, world_size: int = 1, micro_tokens: int | None = None) -> torch.Tensor:
+    """Per-token loss (B, T) -> the scalar this micro-batch (or this piece of one) backpropagates.
 
     token-microbatch (the paper's, verl@54b2677): mean over this micro-batch's tokens, divided by
       the number of micro-batches. A token's weight then depends on how many tokens share its
@@ -159,26 +176,139 @@ def aggregate(loss_tok: torch.Tensor, mask: torch.Tensor, mode: str, num_micro_b
     token-global (correct): sum over this micro-batch's tokens / all tokens of the mini-batch on all
       ranks, times world_size because FSDP averages gradients over ranks. Every token weighs the
       same, whatever the micro-batch size, accumulation steps or number of ranks.
+    A micro-batch run as several forwards (--max-tokens-per-forward) passes its whole completion token
+    count as `micro_tokens`: each piece then divides by the micro-batch's tokens, and the pieces'
+    gradients add up to the unsplit micro-batch's.
     """
     total = (loss_tok * mask).sum()
     if mode == "token-microbatch":
-        return total / mask.sum().clamp(min=1) / num_micro_batches
+        tokens = mask.sum().clamp(min=1) if micro_tokens is None else max(micro_tokens, 1)
+        return total / tokens / num_micro_batches
     if mode == "token-global":
         return total * world_size / max(global_tokens, 1)
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
-def canary(samples: list, idx: torch.Tensor, old: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """|engine log-prob - trainer log-prob| per completion token of micro-batch `idx` (old, mask (B, T))."""
-    return torch.cat([(torch.tensor(samples[i][1].logprobs, device=old.device) - old[j][mask[j]]).abs()
-                      for j, i in enumerate(idx.tolist())])
+def per_token(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """One value per sequence (B,) -> one per token in the batch's layout: (1, N) packed, (B, 1) padded."""
+    if "seq_lens" in batch:                                    # model.pack: sequences side by side
+        return values.repeat_interleave(batch["seq_lens"])[None]
+    return values[:, None]
+
+
+def canary(samples: list, idx: list[int], old: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """|engine log-prob - trainer log-prob| per completion token of the forward of sequences `idx`
+    (old, mask (B, T) padded or (1, N) packed: mask picks their completion tokens in sequence order)."""
+    engine = torch.cat([torch.tensor(samples[i][1].logprobs, dtype=torch.float32) for i in idx])
+    return (engine.to(old.device) - old[mask]).abs()
+
+
+# ---- update batches: verl's balance across ranks, the mini/micro cut, token-budget pieces ----
+
+class _Part:
+    """One rank's share while balanced_order merges: its total length and its sequences."""
+    __slots__ = ("sum", "idx")
+
+    def __init__(self, i: int, length: int) -> None:
+        self.sum, self.idx = length, [i]
+
+    def key(self) -> tuple[int, int, int]:
+        # verl orders parts by (sum, size, items); disjoint parts already differ at their first item
+        return self.sum, len(self.idx), self.idx[0]
+
+
+def balanced_order(lengths: list[int], world: int) -> list[int]:
+    """verl@54b2677's balance_batch: the step's sequences (global order) -> a permutation whose slice
+    order[r*N//world:(r+1)*N//world] is rank r's part. Every part has N/world sequences, their total
+    lengths near equal: Karmarkar-Karp's largest differencing, ties broken as verl's
+    get_seqlen_balanced_partitions(lengths, world, equal_size=True) breaks them (checked against it
+    on 75k inputs), each part sorted. world 1 gives range(N)."""
+    n = len(lengths)
+    if world < 1 or n < world or n % world:
+        raise ValueError(f"need world >= 1 and len(lengths) = {n} a positive multiple of world = {world}")
+    heap: list[tuple[tuple[int, int, int, int], list[_Part]]] = []
+
+    def push(parts: list[_Part]) -> None:
+        parts.sort(key=_Part.key, reverse=True)  # heaviest part first
+        top = parts[0].key()
+        # the state with the largest spread pops first, then the one whose heaviest part ranks higher;
+        # first indices are unique, so keys never tie
+        heapq.heappush(heap, ((parts[-1].sum - top[0], -top[0], -top[1], -top[2]), parts))
+
+    ranked = sorted(range(n), key=lambda i: (lengths[i], i))  # equal lengths: lower index first
+    for s in range(0, n, world):  # each run of `world` ranked sequences starts one state, one per part
+        push([_Part(i, lengths[i]) for i in ranked[s:s + world]])
+    while len(heap) > 1:
+        a, b = heapq.heappop(heap)[1], heapq.heappop(heap)[1]
+        for p, q in zip(a, reversed(b)):  # a's heaviest part takes b's lightest, and so on
+            p.sum += q.sum
+            p.idx += q.idx
+        push(a)
+    return [i for p in heap[0][1] for i in sorted(p.idx)]
+
+
+def split_by_tokens(lengths: list[int], budget: int, padded: bool = False) -> list[list[int]]:
+    """A micro-batch's sequence lengths -> pieces (positions, consecutive) whose forward holds at most
+    `budget` tokens: the sum of lengths packed, count x longest padded. A sequence over the budget is a
+    piece alone; budget 0 is one piece."""
+    pieces, cur = [], []
+    for j, n in enumerate(lengths):
+        tokens = (len(cur) + 1) * max([n] + [lengths[i] for i in cur]) if padded else n + sum(lengths[i] for i in cur)
+        if cur and budget and tokens > budget:
+            pieces.append(cur)
+            cur = []
+        cur.append(j)
+    return pieces + [cur] if cur else pieces
+
+
+@dataclass
+class Forward:
+    """One forward/backward of the update: a micro-batch, or a piece of one."""
+    idx: list[int]       # the step's sequences it holds (global indices)
+    micro_tokens: int    # completion tokens of its whole micro-batch (token-microbatch divides by them)
+    micro_batches: int   # micro-batches in its rank's mini-batch (token-microbatch divides by them too)
+
+
+def cut_updates(order: list[int], lengths: list[int], completion_lens: list[int], keep: list[bool], world: int,
+                updates: int, micro: int, budget: int = 0, padded: bool = False
+                ) -> tuple[list[list[list[Forward | None]]], list[int]]:
+    """The step's sequences -> for every rank, for every optimizer update, the forwards it runs; and
+    per update the completion tokens of all ranks (token-global's denominator).
+
+    Rank r trains order[r*N//world:(r+1)*N//world]; its mini-batch u is the u-th of `updates`
+    consecutive slices of that, its micro-batches consecutive runs of `micro` kept sequences (verl's
+    chunk and split), each split by split_by_tokens. FSDP2's collectives pair up only if every rank
+    runs as many forwards: a rank with fewer in an update gets None (a forward that trains nothing).
+    Every rank holds every sequence's lengths, so every rank computes the same cut, all ranks' included."""
+    n, cut, tokens = len(order), [], [0] * updates
+    for r in range(world):
+        part = order[r * n // world:(r + 1) * n // world]
+        per = len(part) // updates
+        mine = []
+        for u in range(updates):
+            kept = [i for i in part[u * per:(u + 1) * per] if keep[i]]
+            micros = [kept[k:k + micro] for k in range(0, len(kept), micro)]
+            forwards = []
+            for m in micros:
+                t = sum(completion_lens[i] for i in m)
+                tokens[u] += t
+                forwards += [Forward([m[j] for j in piece], t, len(micros))
+                             for piece in split_by_tokens([lengths[i] for i in m], budget, padded)]
+            mine.append(forwards)
+        cut.append(mine)
+    for u in range(updates):
+        most = max(len(mine[u]) for mine in cut)
+        for mine in cut:
+            mine[u] += [None] * (most - len(mine[u]))
+    return cut, tokens
 
 
 # ---- data ----
 
-def check_prompt_lengths(rows, processor, args, rank: int, world: int) -> list[int]:
-    """Indices of rows to train on. Over-long prompts are never truncated (image tokens would no
-    longer match image features): they stop the run, naming them, or are skipped with a count."""
+def check_prompt_lengths(rows, processor, args, rank: int, world: int) -> tuple[list[int], list[int]]:
+    """(indices of rows to train on, every row's prompt tokens, image tokens included). Over-long
+    prompts are never truncated (image tokens would no longer match image features): they stop the
+    run, naming them, or are skipped with a count."""
     mine = [(i, len(M.encode_prompt(processor, rows[i])["input_ids"])) for i in range(rank, len(rows), world)]
     lengths = [None] * world
     dist.all_gather_object(lengths, mine)
@@ -190,7 +320,10 @@ def check_prompt_lengths(rows, processor, args, rank: int, world: int) -> list[i
     if too_long:
         M.print0(f"skipping {len(too_long)} prompts over {args.max_prompt_tokens} tokens")
     skip = {i for i, _ in too_long}
-    return [i for i in range(len(rows)) if i not in skip]
+    prompt_lens = [0] * len(rows)
+    for i, n in (pair for part in lengths for pair in part):
+        prompt_lens[i] = n
+    return [i for i in range(len(rows)) if i not in skip], prompt_lens
 
 
 def step_prompts(order_seed: int, indices: list[int], step: int, per_step: int) -> list[int]:
@@ -226,6 +359,55 @@ def run_eval(engine, eval_rows: list[dict], args, step: int, metrics_file) -> No
         metrics_file.flush()
 
 
+def gather_samples(local: list, world: int) -> list:
+    """Every rank's samples, in rank order (= the step's prompt order), on every rank."""
+    everyone = [None] * world
+    dist.all_gather_object(everyone, local)
+    return [s for part in everyone for s in part]
+
+
+def make_batch(fw: Forward | None, samples: list, encoded: dict, processor, model, packing: bool) -> dict:
+    """The model batch of one forward: its sequences right-padded (model.collate), then packed
+    (model.pack) unless --no-packing. None (a padding forward) is one pad token after the step's first
+    prompt: it joins the collectives and trains nothing."""
+    pad = processor.tokenizer.pad_token_id
+    idx = fw.idx if fw is not None else [0]
+    completions = [samples[i][1].token_ids for i in idx] if fw is not None else [[pad]]
+    batch = M.collate([encoded[samples[i][0]] for i in idx], completions, pad)
+    return M.pack(model, batch) if packing else batch
+
+
+def step_metrics(samples: list, zero_var: torch.Tensor, stats: dict, gaps: list, norms: list[float], t: dict,
+                 trained_tokens: int, world: int, device, peak_tflops: float | None) -> dict:
+    """The step's record. Rollout figures come from `samples` (every rank holds all); the update's
+    sums, the canary and the peaks are reduced over ranks.
+    Throughput is per device: rollout tokens are everything generated on all ranks / rollout seconds /
+    world size (GPUs, whatever the tensor parallel size: x --tensor-parallel for one engine); training
+    tokens are the real (unpadded) tokens through forward + backward in the update; MFU is the
+    update's model FLOPs (plan.flops) / update seconds / world / peak."""
+    gaps = torch.cat(gaps) if gaps else torch.zeros(1)
+    local = torch.tensor([stats["loss"], stats["kl"], stats["clip"], stats["flops"], stats["tokens"],
+                          gaps.sum().item(), gaps.numel()], dtype=torch.float64)
+    peak = torch.tensor([gaps.max().item(), P.peak_device_memory_gb() or 0.0, P.peak_rss_mb()], dtype=torch.float64)
+    dist.all_reduce(local)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    loss, kl, clip, flops, train_tokens, gap_sum, gap_n = local.tolist()
+    lengths = [len(c.token_ids) for _, c, *_ in samples]
+    trained_tokens = max(trained_tokens, 1)  # loss, KL and clip fraction: means over all trained tokens
+    seconds = {f"s_{k}": round(t[k] - prev, 3) for prev, k in zip(list(t.values()), list(t)[1:])}
+    tflops = flops / seconds["s_update"] / world / 1e12
+    n = len(samples)
+    return {"reward": sum(s[2] for s in samples) / n, "accuracy": sum(s[3] for s in samples) / n,
+            "format": sum(s[4] for s in samples) / n, "response_len": sum(lengths) / n, "response_len_max": max(lengths),
+            "zero_var_groups": zero_var.float().mean().item(), "loss": loss / trained_tokens,
+            "kl": kl / trained_tokens, "clip_frac": clip / trained_tokens, "grad_norm": max(norms),
+            "canary_mean": gap_sum / gap_n, "canary_max": peak[0].item(),
+            "rollout_tok_s": sum(lengths) / world / seconds["s_rollout"],
+            "train_tok_s": train_tokens / world / seconds["s_update"], "tflops": tflops,
+            "mfu": tflops / peak_tflops if peak_tflops else None,
+            "peak_mem_gb": peak[1].item() if device.type == "cuda" else None, "peak_rss_mb": peak[2].item(), **seconds}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # ---- memory plan: before anything is loaded, a configuration that cannot fit stops (exit 2) ----
@@ -234,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
         longest = args.max_prompt_tokens + args.max_response_tokens
         P.check(P.shapes(args.model), P.Run(
             "grpo", world, micro_batch=min(args.micro_batch, max(1, args.mini_batch // world) * args.group_size),
-            seq_len=longest, logit_tokens=args.max_response_tokens, image_tokens=args.max_prompt_tokens,
+            packed=not args.no_packing, tokens_per_forward=args.max_tokens_per_forward, seq_len=longest, logit_tokens=args.max_response_tokens, image_tokens=args.max_prompt_tokens,
             compute_bytes=getattr(torch, args.dtype).itemsize, checkpointing=not args.no_gradient_checkpointing,
             ref=None if args.kl_coef == 0 else "host" if args.ref_offload else "gpu", vllm=args.rollout == "vllm",
             tensor_parallel=args.tensor_parallel, gpu_memory_utilization=args.gpu_memory_utilization,
@@ -250,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
         path = M.resolve_model(args.model)
         processor = M.load_processor(path)
         rows = M.load_rows(args.data, args.split)
-        indices = check_prompt_lengths(rows, processor, args, rank, world)
+        indices, prompt_lens = check_prompt_lengths(rows, processor, args, rank, world)
         steps_per_epoch = len(indices) // args.prompts_per_step
         if steps_per_epoch == 0:
             raise SystemExit(f"{len(indices)} usable rows, fewer than --prompts-per-step {args.prompts_per_step}")
@@ -295,91 +477,83 @@ def main(argv: list[str] | None = None) -> None:
             t = {"start": time.perf_counter()}
             # ---- rollout: this rank's prompts, n completions each, seeded per (step, prompt) ----
             chosen = step_prompts(args.seed, indices, step, args.prompts_per_step)[rank * per_rank:(rank + 1) * per_rank]
-            prompts = [rows[i] for i in chosen]
             seeds = [args.seed + step * args.prompts_per_step + rank * per_rank + j for j in range(per_rank)]
-            outputs = engine.generate(prompts, n=args.group_size, temperature=args.temperature, top_p=args.top_p,
-                                      max_new_tokens=args.max_response_tokens, seed=seeds)
+            outputs = engine.generate([rows[i] for i in chosen], n=args.group_size, temperature=args.temperature,
+                                      top_p=args.top_p, max_new_tokens=args.max_response_tokens, seed=seeds)
             engine.sleep()
-            samples = [(row, c) for row, group in zip(prompts, outputs) for c in group]  # grouped by prompt
             t["rollout"] = time.perf_counter()
 
-            # ---- reward ----
-            rewards = torch.tensor([R.reward(c.text, row, lenient=args.lenient_reward) for row, c in samples])
-            correct = torch.tensor([float(R.is_correct(c.text, row)) for row, c in samples])
-            formatted = torch.tensor([float(R.format_ok(c.text)) for _, c in samples])
+            # ---- reward: each rank scores its own; then every rank holds every sample (any rank may train any) ----
+            samples = gather_samples([(i, c, R.reward(c.text, rows[i], lenient=args.lenient_reward),
+                                       float(R.is_correct(c.text, rows[i])), float(R.format_ok(c.text)))
+                                      for i, group in zip(chosen, outputs) for c in group], world)
+            rewards = torch.tensor([s[2] for s in samples], dtype=torch.float32)  # (N,) prompt 0's n, prompt 1's, ...
             t["reward"] = time.perf_counter()
 
             # ---- advantages: per prompt group ----
             adv = group_advantages(rewards, args.group_size)                                   # (N,)
-            zero_var = (rewards.view(-1, args.group_size).std(-1) == 0 if args.group_size > 1       # (per_rank,) groups that
-                        else torch.zeros(per_rank, dtype=torch.bool))             # carry no gradient
-            keep = ~zero_var.repeat_interleave(args.group_size) if args.filter_zero_variance else torch.ones(len(samples), dtype=torch.bool)
-            # mini-batches of prompts -> micro-batches of sequences. Every rank must run as many
-            # forwards/backwards (FSDP2 collectives): short ranks pad with empty micro-batches (None).
-            per_update = args.mini_batch // world * args.group_size  # sequences per mini-batch on this rank
-            updates = []
-            for first in range(0, len(samples), per_update):
-                kept = torch.arange(first, first + per_update)[keep[first:first + per_update]]
-                updates.append([kept[i:i + args.micro_batch] for i in range(0, len(kept), args.micro_batch)])
-            most = torch.tensor([len(u) for u in updates])
-            dist.all_reduce(most, op=dist.ReduceOp.MAX)
-            updates = [u + [None] * (int(k) - len(u)) for u, k in zip(updates, most)]
+            zero_var = (rewards.view(-1, args.group_size).std(-1) == 0 if args.group_size > 1   # (G,) groups that
+                        else torch.zeros(len(rewards), dtype=torch.bool))                       # carry no gradient
+            keep = (~zero_var.repeat_interleave(args.group_size) if args.filter_zero_variance
+                    else torch.ones(len(samples), dtype=torch.bool)).tolist()
+            # ---- update batches: balanced over ranks by valid tokens (verl's balance_batch), then cut
+            # into mini-batches, micro-batches and pieces of at most --max-tokens-per-forward tokens ----
+            lengths = [prompt_lens[i] + len(c.token_ids) for i, c, *_ in samples]
+            order = list(range(len(samples))) if args.no_balance else balanced_order(lengths, world)
+            cut, update_tokens = cut_updates(order, lengths, [len(c.token_ids) for _, c, *_ in samples], keep, world,
+                                             args.prompts_per_step // args.mini_batch, args.micro_batch,
+                                             args.max_tokens_per_forward, padded=args.no_packing)
+            forwards = cut[rank]  # [update][k]: Forward, or None to keep the collectives paired
 
             # ---- old and reference log-probs: the policy before this step's updates, the frozen ref ----
             # With one update per step the policy that the update's forward runs IS the old policy, so
             # its log-probs, detached, are the old ones (ratio exactly 1): no separate forward for them.
-            on_policy = len(updates) == 1
-            encoded = {id(row): M.encode_prompt(processor, row) for row in prompts}
-            pad = processor.tokenizer.pad_token_id
-            empty = M.to_device(M.collate([encoded[id(prompts[0])]], [[pad]], pad), device)  # a padding micro-batch
-            batch_of = {}  # micro-batch position -> (batch, old log-probs or None, reference log-probs)
+            on_policy = len(forwards) == 1
+            mine = {samples[j][0] for fws in forwards for fw in fws if fw is not None for j in fw.idx}
+            encoded = {i: M.encode_prompt(processor, rows[i]) for i in mine | {samples[0][0]}}
+            batch_of = {}  # (update, k) -> (batch, old log-probs or None, reference log-probs or None)
             with torch.no_grad():
-                for u, micro in enumerate(updates):
-                    for k, idx in enumerate(micro):
-                        b = empty if idx is None else M.to_device(M.collate(
-                            [encoded[id(samples[i][0])] for i in idx], [samples[i][1].token_ids for i in idx], pad), device)
+                for u, fws in enumerate(forwards):
+                    for k, fw in enumerate(fws):
+                        b = M.to_device(make_batch(fw, samples, encoded, processor, policy, not args.no_packing), device)
                         batch_of[u, k] = (b, None if on_policy else M.token_logprobs(policy, b, args.temperature),
                                           M.token_logprobs(ref, b, args.temperature) if ref is not None else None)
             M.reshard(policy, ref)  # no backward follows these forwards: free the gathered roots
             # canary: the engine's log-probs must match the trainer's (a stale sync shows up here)
-            gaps = [canary(samples, updates[u][k], old, b["completion_mask"]) for (u, k), (b, old, _) in batch_of.items()
-                    if updates[u][k] is not None and old is not None]
+            gaps = [canary(samples, forwards[u][k].idx, old, b["completion_mask"])
+                    for (u, k), (b, old, _) in batch_of.items() if forwards[u][k] is not None and old is not None]
             t["logprobs"] = time.perf_counter()
 
             # ---- updates: one optimizer step per mini-batch, one PPO epoch ----
             policy.train()
             for group in optimizer.param_groups:
                 group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
-            stats = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "grad_norm": [], "flops": 0.0, "tokens": 0}
-            n_tokens = sum(b["completion_mask"].sum().item() for (u, k), (b, _, _) in batch_of.items()
-                           if updates[u][k] is not None)
-            for u, micro in enumerate(updates):
-                tokens = torch.tensor(float(sum(batch_of[u, k][0]["completion_mask"].sum() for k, idx in enumerate(micro)
-                                                if idx is not None)), device=device)
-                dist.all_reduce(tokens)  # token-global divides by every rank's tokens
-                for k, idx in enumerate(micro):
+            stats = dict.fromkeys(("loss", "kl", "clip", "flops", "tokens"), 0.0)
+            norms = []
+            for u, fws in enumerate(forwards):
+                for k, fw in enumerate(fws):
                     b, old, ref_lp = batch_of[u, k]
-                    logp = M.token_logprobs(policy, b, args.temperature)               # (B, T)
-                    if idx is None:  # padding: join the collectives, contribute nothing
+                    logp = M.token_logprobs(policy, b, args.temperature)        # (B, T) padded, (1, N) packed
+                    if fw is None:  # padding: join the collectives, contribute nothing
                         (logp.sum() * 0).backward()
                         continue
-                    mask = b["completion_mask"]                                         # (B, T)
+                    mask = b["completion_mask"]                                  # (B, T)
                     if old is None:  # on-policy: see above
                         old = logp.detach()
-                        gaps.append(canary(samples, idx, old, mask))
-                    pg, clipped = clipped_policy_loss(logp, old, adv[idx].to(device), args.clip_low,
+                        gaps.append(canary(samples, fw.idx, old, mask))
+                    pg, clipped = clipped_policy_loss(logp, old, per_token(adv[fw.idx].to(device), b), args.clip_low,
                                                       args.clip_high, args.dual_clip)   # (B, T)
                     kl = kl_k3(logp, ref_lp) if ref is not None else torch.zeros_like(pg)
                     loss_tok = pg + args.kl_coef * kl                                   # (B, T)
-                    aggregate(loss_tok, mask, args.loss_agg, len(micro), int(tokens), world).backward()
+                    aggregate(loss_tok, mask, args.loss_agg, fw.micro_batches, update_tokens[u], world,
+                              fw.micro_tokens).backward()
                     stats["loss"] += (loss_tok.detach() * mask).sum().item()
                     stats["kl"] += (kl.detach() * mask).sum().item()
                     stats["clip"] += (clipped & mask).sum().item()
                     stats["flops"] += P.batch_flops(shapes, b)              # forward + backward, model FLOPs
-                    stats["tokens"] += int(b["attention_mask"].sum())
-                stats["grad_norm"].append(M.clip_and_step(policy, optimizer, args.grad_clip, step + 1))
+                    stats["tokens"] += sum(lengths[i] for i in fw.idx)     # real tokens, padding not counted
+                norms.append(M.clip_and_step(policy, optimizer, args.grad_clip, step + 1))
             t["update"] = time.perf_counter()
-            gaps = torch.cat(gaps) if gaps else torch.zeros(1, device=device)
 
             # ---- weight sync: the engine samples the next step with the new weights ----
             if device.type == "cuda":
@@ -388,48 +562,21 @@ def main(argv: list[str] | None = None) -> None:
             t["sync"] = time.perf_counter()
 
             # ---- log ----
-            # Throughput is per device: rollout tokens are everything generated on all ranks / rollout
-            # seconds / world size (GPUs, whatever the tensor parallel size: x --tensor-parallel for
-            # one engine); training tokens are the real (unpadded) tokens through forward + backward
-            # in the update; MFU is the update's model FLOPs (plan.flops) / update seconds / world / peak.
-            lengths = torch.tensor([float(len(c.token_ids)) for _, c in samples])
-            local = torch.tensor([rewards.sum(), correct.sum(), formatted.sum(), lengths.sum(), len(samples),
-                                  zero_var.sum(), len(zero_var), gaps.sum().item(), gaps.numel(), stats["loss"],
-                                  stats["kl"], stats["clip"], n_tokens, stats["flops"], stats["tokens"]], dtype=torch.float64)
-            peak = torch.tensor([lengths.max(), gaps.max().item(), P.peak_device_memory_gb() or 0.0,
-                                 P.peak_rss_mb()], dtype=torch.float64)
-            dist.all_reduce(local)
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-            (r_sum, acc, fmt, len_sum, count, zv, groups, gap_sum, gap_n, loss_sum, kl_sum, clip_sum,
-             trained_tokens, flops, train_tokens) = local.tolist()
-            trained_tokens = max(trained_tokens, 1)  # loss, KL and clip fraction: means over all trained tokens
-            seconds = {f"s_{k}": round(t[k] - prev, 3) for prev, k in zip(list(t.values()), list(t)[1:])}
-            tflops = flops / seconds["s_update"] / world / 1e12
-            m = {"step": step + 1, "reward": r_sum / count, "accuracy": acc / count, "format": fmt / count,
-                 "response_len": len_sum / count, "response_len_max": peak[0].item(), "zero_var_groups": zv / groups,
-                 "loss": loss_sum / trained_tokens, "kl": kl_sum / trained_tokens, "clip_frac": clip_sum / trained_tokens,
-                 "grad_norm": max(stats["grad_norm"]), "lr": optimizer.param_groups[0]["lr"], "canary_mean": gap_sum / gap_n,
-                 "canary_max": peak[1].item(), "rollout_tok_s": len_sum / world / seconds["s_rollout"],
-                 "train_tok_s": train_tokens / world / seconds["s_update"], "tflops": tflops,
-                 "mfu": tflops / peak_tflops if peak_tflops else None,
-                 "peak_mem_gb": peak[2].item() if device.type == "cuda" else None, "peak_rss_mb": peak[3].item(), **seconds}
+            m = step_metrics(samples, zero_var, stats, gaps, norms, t, sum(update_tokens), world, device, peak_tflops)
+            m["lr"] = optimizer.param_groups[0]["lr"]
             if rank == 0:
-                print(f"step {m['step']}/{total_steps} reward {m['reward']:.3f} acc {m['accuracy']:.3f} "
+                print(f"step {step + 1}/{total_steps} reward {m['reward']:.3f} acc {m['accuracy']:.3f} "
                       f"format {m['format']:.3f} len {m['response_len']:.0f}/{m['response_len_max']:.0f} "
                       f"kl {m['kl']:.4f} clip {m['clip_frac']:.3f} gnorm {m['grad_norm']:.3f} "
                       f"zero-var {m['zero_var_groups']:.2f} canary {m['canary_mean']:.2e}/{m['canary_max']:.2e} | "
                       + P.perf_line(m), flush=True)
-                metrics_file.write(json.dumps(m) + "\n")
+                metrics_file.write(json.dumps({"step": step + 1, **m}) + "\n")
                 metrics_file.flush()
-            if args.dump_every and (step + 1) % args.dump_every == 0:
-                dumped = [{"dataset_index": row.get("dataset_index"), "completion": c.text, "reward": float(r)}
-                          for (row, c), r in zip(samples, rewards)]
-                everyone = [None] * world
-                dist.all_gather_object(everyone, dumped)
-                if rank == 0:
+                if args.dump_every and (step + 1) % args.dump_every == 0:
                     (out / "rollouts").mkdir(exist_ok=True)
                     with open(out / "rollouts" / f"step_{step + 1:06d}.jsonl", "w") as f:
-                        f.writelines(json.dumps(d) + "\n" for part in everyone for d in part)
+                        f.writelines(json.dumps({"dataset_index": rows[i].get("dataset_index"), "completion": c.text,
+                                                 "reward": float(r)}) + "\n" for i, c, r, *_ in samples)
             if m["canary_mean"] > args.canary_max_gap and args.temperature == 1.0:
                 raise SystemExit(f"step {step + 1}: vLLM and trainer log-probs differ by {m['canary_mean']:.3g} on "
                                  f"average (> --canary-max-gap {args.canary_max_gap}): the weight sync is stale")

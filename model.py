@@ -172,6 +172,27 @@ def collate(prompts: list[dict], completions: list[list[int]], pad_id: int) -> d
     return batch
 
 
+def pack(model, batch: dict) -> dict:
+    """A right-padded collate() batch (B, T) -> the same sequences concatenated into one row (1, N),
+    N = their real tokens: no pad token reaches any layer (verl's use_remove_padding).
+
+    position_ids (4, 1, N): plane 0 is each token's position in its own sequence, restarting at 0 at
+    every sequence; from where it restarts transformers builds a block-diagonal causal mask (no token
+    attends across sequences; masking_utils.find_packed_sequence_indices, used when there is no
+    attention_mask). Planes 1-3 are the model's 3-D rope positions of each sequence, computed on the
+    padded batch by its own get_rope_index, so image tokens get exactly the positions they get alone.
+    Images stay in order: the packed image tokens meet the image features in the order of collate()."""
+    keep = batch["attention_mask"].bool()                                          # (B, T)
+    rope, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                         batch.get("image_grid_thw"), attention_mask=batch["attention_mask"])
+    text = keep.long().cumsum(1) - 1                                               # (B, T)
+    packed = {k: batch[k][keep][None] for k in ("input_ids", "mm_token_type_ids", "completion_mask")}  # (1, N)
+    packed["position_ids"] = torch.cat([text[keep][None], rope[:, keep]])[:, None]  # (4, 1, N)
+    packed["seq_lens"] = keep.sum(1)                                               # (B,)
+    packed.update({k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch})
+    return packed
+
+
 def build_batch(processor, rows: list[dict], completions: list[list[int]]) -> dict:
     """rows[i] (prompt) + completions[i] (token ids) -> one model batch. See collate()."""
     return collate([encode_prompt(processor, r) for r in rows], completions, processor.tokenizer.pad_token_id)
@@ -183,7 +204,7 @@ def to_device(batch: dict, device: torch.device | str) -> dict:
 
 # ---- per-token log-probs, chunked ----
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,7 @@ GiB = 2 ** 30
 RESERVE_GIB = 4.0         # CUDA context (~0.5), NCCL buffers (~1), allocator fragmentation
 VLLM_OVERHEAD_GIB = 2.0   # vLLM's profiled activations, sampler buffers and CUDA graphs (estimate)
 LOGPROB_CHUNK = 256       # model.token_logprobs' chunk_tokens
+DEFAULT_TOKENS_PER_FORWARD = 16384  # grpo.py --max-tokens-per-forward (verl's ppo_max_token_len_per_gpu default)
 # bf16 dense peak TFLOP/s by device name (substring, first match), the denominator of MFU
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0),
                ("A100", 312.0), ("A800", 312.0)]
@@ -187,10 +188,11 @@ def flops(s: Shapes, seq_lens: list[int], logit_tokens: int, image_grids: list[t
 
 
 def batch_flops(s: Shapes, batch: dict, backward: bool = True) -> float:
-    """flops() of a model.collate batch: real lengths from attention_mask, lm_head positions from
-    completion_mask, images from image_grid_thw."""
+    """flops() of a model.collate batch (real lengths from attention_mask) or a model.pack one (from
+    seq_lens): lm_head positions from completion_mask, images from image_grid_thw."""
     grids = batch["image_grid_thw"].tolist() if "image_grid_thw" in batch else []
-    return flops(s, batch["attention_mask"].sum(1).tolist(), int(batch["completion_mask"][:, 1:].sum()), grids, backward)
+    lengths = batch["seq_lens"] if "seq_lens" in batch else batch["attention_mask"].sum(1)
+    return flops(s, lengths.tolist(), int(batch["completion_mask"][:, 1:].sum()), grids, backward)
 
 
 def peak_tflops(device, override: float | None = None) -> float | None:
@@ -252,6 +254,8 @@ class Run:
     image_tokens: int             # merged image tokens per sequence (worst case)
     compute_bytes: int = 2        # 2: bf16 compute, 4: fp32
     checkpointing: bool = True
+    packed: bool = False          # GRPO: a forward's sequences in one row (model.pack), else right-padded
+    tokens_per_forward: int = 0   # --max-tokens-per-forward: a micro-batch over it runs in pieces (0: never)
     ref: str | None = None        # GRPO's reference model: None, "gpu" or "host" (--ref-offload)
     vllm: bool = False
     tensor_parallel: int = 1
@@ -291,10 +295,25 @@ def layer_activation_bytes(hidden: int, kv: int, intermediate: int, c: int) -> i
     return c * (13 * hidden + 4 * kv + 6 * intermediate) + 8 * hidden
 
 
+def forward_size(r: Run) -> tuple[int, int, int, int]:
+    """(tokens, image tokens, lm_head tokens, attention-mask bytes) of the largest forward: the worst case.
+    Packed: up to the token budget in one row (a longer sequence runs alone), as many of them image
+    tokens as its sequences can hold, and a block-diagonal boolean mask of tokens^2. Padded: as many
+    whole sequences of seq_len as the budget holds, a B x T^2 mask."""
+    budget = r.tokens_per_forward or r.micro_batch * r.seq_len
+    if r.packed:
+        tokens = min(r.micro_batch * r.seq_len, max(budget, r.seq_len))
+        return (tokens, min(tokens, r.micro_batch * r.image_tokens), min(tokens, r.micro_batch * r.logit_tokens),
+                tokens ** 2)
+    b = min(r.micro_batch, max(1, budget // r.seq_len))
+    return b * r.seq_len, b * r.image_tokens, b * r.logit_tokens, b * r.seq_len ** 2
+
+
 def plan_memory(s: Shapes, r: Run) -> Plan:
     n = param_counts(s)
     P, W, c = n["total"], r.world, r.compute_bytes
-    tokens, patches = r.micro_batch * r.seq_len, r.micro_batch * r.image_tokens * s.merge ** 2
+    tokens, image_tokens, logit_tokens, mask = forward_size(r)
+    patches = image_tokens * s.merge ** 2
     # activations of one micro-batch
     lm_layer = layer_activation_bytes(s.hidden, s.kv_heads * s.head_dim, s.intermediate, c)
     v_block = layer_activation_bytes(s.v_hidden, s.v_hidden, s.v_intermediate, c)
@@ -303,9 +322,9 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
         working = max(lm_layer * tokens, v_block * patches)
     else:
         saved, working = s.layers * lm_layer * tokens + s.v_depth * v_block * patches, 0
-    chunk = min(LOGPROB_CHUNK, r.micro_batch * r.logit_tokens)
+    chunk = min(LOGPROB_CHUNK, logit_tokens)
     head = chunk * s.vocab * (4 + (c if c < 4 else 0))         # fp32 logits, their compute-dtype copy
-    hidden = 2 * c * tokens * s.hidden + r.micro_batch * r.seq_len ** 2  # final hidden states, their grad; bool mask
+    hidden = 2 * c * tokens * s.hidden + mask                   # final hidden states, their grad; bool mask
     root = c * n["root"]                                       # gathered for the whole forward and backward
     head_grad = c * s.vocab * s.hidden                         # lm_head's unsharded gradient, from the first chunk on
     blocks = (3 * c + 4) * max(n["layer"], n["block"])         # two gathered blocks, one's gradient and its fp32 copy
@@ -316,7 +335,7 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
             ("FSDP2 root unit gathered (embeddings, lm_head, merger)", root, "update"),
             ("lm_head gradient, unsharded", head_grad, "update A+C"),
             (f"activations: {'saved layer inputs' if r.checkpointing else 'every layer, kept'} "
-             f"({r.micro_batch} x {r.seq_len} tokens)", saved, "update A+C"),
+             f"({tokens:,} tokens)", saved, "update A+C"),
             ("activations: final hidden states, their gradient, mask", hidden, "update A+C"),
             (f"log-prob chunk ({chunk} x {s.vocab})", head, "update A"),
             ("activations: one layer recomputed", working, "update C"),
@@ -369,7 +388,8 @@ def describe(s: Shapes, r: Run, plan: Plan, name: str) -> str:
     nodes = math.ceil(r.world / r.ranks_per_node)
     lines = [f"memory plan, {r.stage}: {name} ({n['total'] / 1e9:.2f} B parameters, vision {n['vision'] / 1e9:.2f} B), "
              f"{r.world} GPUs x {r.gpu_gib:g} GiB ({nodes} node{'s' * (nodes > 1)}), "
-             f"micro-batch {r.micro_batch} x {r.seq_len} tokens, {'bf16' if r.compute_bytes == 2 else 'fp32'} compute, "
+             f"micro-batch {r.micro_batch} x {r.seq_len} tokens, forwards of at most {forward_size(r)[0]:,} tokens "
+             f"({'packed' if r.packed else 'padded'}), {'bf16' if r.compute_bytes == 2 else 'fp32'} compute, "
              f"gradient checkpointing {'on' if r.checkpointing else 'off'}",
              f"  {'per GPU':<62} {'GiB':>7}  held during"]
     lines += [f"  {what:<62} {gib:7.2f}  {when}" for what, gib, when in plan.rows]

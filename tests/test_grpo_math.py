@@ -31,7 +31,7 @@ def test_clipped_policy_loss_cases():
     ratios = torch.tensor([1.5, 0.5, 1.5, 5.0, 0.5, 1.0])
     adv = torch.tensor([1.0, 1.0, -1.0, -1.0, -1.0, 2.0])
     old = torch.zeros(6, 1)
-    loss, clipped = clipped_policy_loss(ratios.log()[:, None], old, adv)
+    loss, clipped = clipped_policy_loss(ratios.log()[:, None], old, adv[:, None])
     expected = [-1.2,   # A>0, ratio above 1.2: clipped to -1.2
                 -0.5,   # A>0, ratio below: unclipped (pessimistic max of -0.5, -0.8)
                 1.5,    # A<0, ratio 1.5: max(1.5, 1.2) = 1.5, under the dual clip 3
@@ -41,7 +41,7 @@ def test_clipped_policy_loss_cases():
     torch.testing.assert_close(loss[:, 0], torch.tensor(expected), atol=1e-5, rtol=0)
     # the clip fraction counts the PPO clip (verl's pg_clipfrac); the dual clip is not counted
     assert clipped[:, 0].tolist() == [True, False, False, False, True, False]
-    wide, _ = clipped_policy_loss(ratios.log()[:, None], old, adv, clip_low=0.5, clip_high=0.5, dual_clip=10.0)
+    wide, _ = clipped_policy_loss(ratios.log()[:, None], old, adv[:, None], clip_low=0.5, clip_high=0.5, dual_clip=10.0)
     torch.testing.assert_close(wide[:, 0], torch.tensor([-1.5, -0.5, 1.5, 5.0, 0.5, -2.0]), atol=1e-5, rtol=0)
 
 
