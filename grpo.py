@@ -377,6 +377,18 @@ def make_batch(fw: Forward | None, samples: list, encoded: dict, processor, mode
     return M.pack(model, batch) if packing else batch
 
 
+def dump_rollouts(path: Path, rows, samples: list, lengths: list[int], order: list[int], world: int) -> None:
+    """One JSON line per sample of the step, in rollout order: its row, completion, reward, valid tokens
+    (what the balance weighs) and the rank that trained it."""
+    per_rank = len(order) // world
+    rank_of = {i: pos // per_rank for pos, i in enumerate(order)}
+    path.parent.mkdir(exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"dataset_index": rows[i].get("dataset_index"), "completion": c.text, "reward": float(r),
+                                 "tokens": lengths[j], "rank": rank_of[j]}) + "\n"
+                     for j, (i, c, r, *_) in enumerate(samples))
+
+
 def step_metrics(samples: list, zero_var: torch.Tensor, stats: dict, gaps: list, norms: list[float], t: dict,
                  trained_tokens: int, world: int, device, peak_tflops: float | None) -> dict:
     """The step's record. Rollout figures come from `samples` (every rank holds all); the update's
@@ -573,10 +585,7 @@ def main(argv: list[str] | None = None) -> None:
                 metrics_file.write(json.dumps({"step": step + 1, **m}) + "\n")
                 metrics_file.flush()
                 if args.dump_every and (step + 1) % args.dump_every == 0:
-                    (out / "rollouts").mkdir(exist_ok=True)
-                    with open(out / "rollouts" / f"step_{step + 1:06d}.jsonl", "w") as f:
-                        f.writelines(json.dumps({"dataset_index": rows[i].get("dataset_index"), "completion": c.text,
-                                                 "reward": float(r)}) + "\n" for i, c, r, *_ in samples)
+                    dump_rollouts(out / "rollouts" / f"step_{step + 1:06d}.jsonl", rows, samples, lengths, order, world)
             if m["canary_mean"] > args.canary_max_gap and args.temperature == 1.0:
                 raise SystemExit(f"step {step + 1}: vLLM and trainer log-probs differ by {m['canary_mean']:.3g} on "
                                  f"average (> --canary-max-gap {args.canary_max_gap}): the weight sync is stale")

@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 import model
 from conftest import kill_when, run_script
+from grpo import balanced_order
 
 SMALL = ["--prompts-per-step", "4", "--group-size", "4", "--mini-batch", "2", "--micro-batch", "4",
          "--max-response-tokens", "20", "--lr", "1e-3", "--dump-every", "1", "--vllm-dtype", "float32"]
@@ -19,10 +20,24 @@ def weights(path) -> dict:
     return load_file(str(path / "model.safetensors"))
 
 
+def metrics_of(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_update(packed: list[dict], padded: list[dict]) -> None:
+    """Packed and padded forwards train on the same numbers: the first step's loss, KL and gradient
+    norm to 1e-5 relative, and so the second step samples the same completions (the same rewards)."""
+    for key in ("loss", "kl", "grad_norm"):
+        assert abs(packed[0][key] - padded[0][key]) <= 1e-5 * abs(padded[0][key]) + 1e-9, key
+    assert [m["reward"] for m in packed] == [m["reward"] for m in padded]
+    assert [m["response_len"] for m in packed] == [m["response_len"] for m in padded]
+
+
 def test_two_steps_on_two_ranks_with_vllm(sft_tiny, toy_data, tmp_path):
     out = tmp_path / "run"
-    run = grpo(["--model", sft_tiny, "--data", toy_data, "--out", str(out), "--max-steps", "2", "--save-every", "2",
-                "--weight-decay", "0", "--filter-zero-variance"] + SMALL, ranks=2)
+    flags = ["--model", sft_tiny, "--data", toy_data, "--max-steps", "2", "--save-every", "2", "--weight-decay", "0",
+             "--filter-zero-variance"] + SMALL
+    run = grpo(flags + ["--out", str(out)], ranks=2)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     assert "reference model: frozen copy" in run.stdout
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -39,11 +54,20 @@ def test_two_steps_on_two_ranks_with_vllm(sft_tiny, toy_data, tmp_path):
         groups = [[d["reward"] for d in dumped[i:i + 4]] for i in range(0, len(dumped), 4)]
         assert len(groups) == 4 and m["reward"] == sum(map(sum, groups)) / 16
         assert m["zero_var_groups"] == sum(len(set(g)) == 1 for g in groups) / 4
+        # verl's balance: every sequence trained on the rank balanced_order gives it, by its valid tokens
+        order = balanced_order([d["tokens"] for d in dumped], 2)
+        assert [d["rank"] for d in dumped] == [order.index(j) // 8 for j in range(16)]
+        assert all(d["tokens"] > 20 for d in dumped)  # prompt (with its image tokens) + completion
     assert 0 < sum(m["reward"] for m in metrics) < 2, "the start model must be right only sometimes"
     assert sum(m["train_tok_s"] for m in metrics) > 0 and sum(m["tflops"] for m in metrics) > 0
     before, after = weights(model.Path(sft_tiny)), weights(out / "checkpoints" / "step_000002")
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, unchanged  # no weight decay: every tensor moved through its gradient
+    # the same run with right-padded forwards instead of packed ones
+    padded = grpo(flags + ["--out", str(tmp_path / "padded"), "--no-packing"], ranks=2)
+    assert padded.returncode == 0, padded.stdout[-3000:] + padded.stderr[-5000:]
+    assert metrics[0]["kl"] > 0 and metrics[0]["grad_norm"] > 0  # the second update moved away from the reference
+    assert_same_update(metrics, metrics_of(tmp_path / "padded"))
 
 
 def test_kill_and_resume_is_bit_identical(sft_tiny, toy_data, tmp_path):
@@ -52,6 +76,9 @@ def test_kill_and_resume_is_bit_identical(sft_tiny, toy_data, tmp_path):
     full = grpo(common + ["--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr[-5000:]
     assert "reference model: none" in full.stdout
+    padded = grpo(common + ["--out", str(tmp_path / "padded"), "--no-packing", "--max-steps", "2"])
+    assert padded.returncode == 0, padded.stderr[-5000:]
+    assert_same_update(metrics_of(tmp_path / "full")[:2], metrics_of(tmp_path / "padded"))
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert lrs == [5e-4, 1e-3, 1e-3]  # linear warm-up over 2 steps, then --lr
     # the same run, killed with SIGKILL as soon as its first checkpoint is complete

@@ -181,16 +181,16 @@ def test_plan_flag_fits_and_prints_the_table():
     assert run.returncode == 0, run.stderr[-2000:]
     assert "8 GPUs x 80 GiB" in run.stdout and "bf16 compute" in run.stdout and run.stdout.rstrip().endswith("fits")
     assert re.search(r"vLLM KV cache \([\d,]+ tokens\)", run.stdout)
-    _, p = recipe_plan("grpo", "qwen2.5-vl-7b", 8, 2, 8)  # the flags map onto the plan the README's table shows
+    _, p = recipe_plan("grpo", "qwen2.5-vl-7b", 8, 2, 32)  # the flags map onto the plan the README's table shows
     assert f"peak: rollout {p.phases['rollout']:.1f} GiB, update {p.phases['update']:.1f} GiB of 80 GiB" in run.stdout
 
 
-RECIPES = {  # the README's table: stage, model, GPUs, vLLM tensor parallel, micro-batch; the recipe's other defaults
-    "GRPO 3B, 8 x 80 GiB": ("grpo", "qwen2.5-vl-3b", 8, 2, 8),
-    "GRPO 7B, 8 x 80 GiB": ("grpo", "qwen2.5-vl-7b", 8, 2, 8),
-    "GRPO 32B, 8 x 80 GiB": ("grpo", "qwen2.5-vl-32b", 8, 4, 8),
-    "GRPO 32B, 4 x 8 x 80 GiB": ("grpo", "qwen2.5-vl-32b", 32, 4, 8),
-    "GRPO 32B, 4 x 8 x 80 GiB, --micro-batch 4": ("grpo", "qwen2.5-vl-32b", 32, 4, 4),
+RECIPES = {  # the README's table: stage, model, GPUs, vLLM tensor parallel, micro-batch[, token budget]; the recipe's
+    "GRPO 3B, 8 x 80 GiB": ("grpo", "qwen2.5-vl-3b", 8, 2, 32),          # other defaults
+    "GRPO 7B, 8 x 80 GiB": ("grpo", "qwen2.5-vl-7b", 8, 2, 32),
+    "GRPO 7B, 8 x 80 GiB, --max-tokens-per-forward 0": ("grpo", "qwen2.5-vl-7b", 8, 2, 32, 0),
+    "GRPO 32B, 8 x 80 GiB": ("grpo", "qwen2.5-vl-32b", 8, 4, 16),
+    "GRPO 32B, 4 x 8 x 80 GiB": ("grpo", "qwen2.5-vl-32b", 32, 4, 16),
     "SFT 3B, 8 x 80 GiB": ("sft", "qwen2.5-vl-3b", 8, 1, 1),
     "SFT 7B, 8 x 80 GiB": ("sft", "qwen2.5-vl-7b", 8, 1, 1),
     "SFT 32B, 8 x 80 GiB": ("sft", "qwen2.5-vl-32b", 8, 1, 1),
@@ -198,11 +198,13 @@ RECIPES = {  # the README's table: stage, model, GPUs, vLLM tensor parallel, mic
 }
 
 
-def recipe_plan(stage: str, name: str, W: int, tp: int, micro: int) -> tuple[plan.Shapes, plan.Plan]:
+def recipe_plan(stage: str, name: str, W: int, tp: int, micro: int,
+                budget: int = plan.DEFAULT_TOKENS_PER_FORWARD) -> tuple[plan.Shapes, plan.Plan]:
     """What `grpo.py --plan --ref-offload` / `sft.py --plan` compute for these flags (bf16, 80 GiB)."""
     s = plan.shapes(name)
-    if stage == "grpo":  # 2048 prompt + 4096 response tokens, images filling the prompt, vLLM at 0.6
-        r = plan.Run("grpo", W, micro, 6144, 4096, 2048, ref="host", vllm=True, tensor_parallel=tp, max_model_len=6144)
+    if stage == "grpo":  # 2048 prompt + 4096 response tokens, images filling the prompt, vLLM at 0.6, packed
+        r = plan.Run("grpo", W, micro, 6144, 4096, 2048, packed=True, tokens_per_forward=budget, ref="host", vllm=True,
+                     tensor_parallel=tp, max_model_len=6144)
     else:                # 32768 tokens, 2048 of them image tokens
         r = plan.Run("sft", W, micro, 32768, 32768, 2048)
     return s, plan.plan_memory(s, r)
@@ -219,8 +221,9 @@ def readme_row(s: plan.Shapes, p: plan.Plan, label: str) -> str:
 
 def test_recipe_plans_are_sane_and_match_the_readme():
     readme = (ROOT / "README.md").read_text()
-    for label, (stage, name, W, tp, micro) in RECIPES.items():
-        s, p = recipe_plan(stage, name, W, tp, micro)
+    for label, recipe in RECIPES.items():
+        stage, name, W, tp = recipe[:4]
+        s, p = recipe_plan(*recipe)
         P = plan.param_counts(s)["total"]
         rows = {what.split(" (")[0]: gib for what, gib, _ in p.rows}
         assert rows["policy weights"] * plan.GiB == pytest.approx(4 * P / W, rel=0.01)
@@ -232,6 +235,9 @@ def test_recipe_plans_are_sane_and_match_the_readme():
         assert readme_row(s, p, label) in readme, f"README's memory table is stale: {readme_row(s, p, label)}"
     fits = {label: recipe_plan(*recipe)[1].fits for label, recipe in RECIPES.items()}
     assert fits["GRPO 7B, 8 x 80 GiB"] and not fits["GRPO 32B, 8 x 80 GiB"] and fits["SFT 32B, 4 x 8 x 80 GiB"]
+    # every recipe model fits 80 GiB GPUs with the default token budget; 32 unsplit sequences do not
+    assert fits["GRPO 3B, 8 x 80 GiB"] and fits["GRPO 32B, 4 x 8 x 80 GiB"]
+    assert not fits["GRPO 7B, 8 x 80 GiB, --max-tokens-per-forward 0"]
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["worker"]:
