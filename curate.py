@@ -10,15 +10,21 @@ options (JSON string), answer_label, answer, reasoning, dataset_name, dataset_in
     python curate.py distill --data data/pmc-medium --api-base https://HOST/v1 --teacher gpt-4o --out data/pmc-sft
     python curate.py toy --out data/toy                                             # the demo's data
 
-`prepare` never stops on a bad row: it goes to OUT.rejects.jsonl with its source position and the
-reason, and the summary counts rejects per reason. `passcount` and `distill` write results as they
-finish (OUT.results.jsonl) and resume where a killed run stopped.
+`prepare` never stops on a bad row: it goes to OUT.rejects.jsonl (written as it comes) with its
+source position, dataset_index and the reason, and the summary counts rejects per reason. Refused:
+missing or blank fields, options that do not parse, a label not among the options, an answer that
+is not the label's option, images that do not decode or are over 64 megapixels (read from the
+header, never decoded), a dataset_index that is not an integer or repeats an earlier row's (every
+later stage keys its results on it), a jsonl line that is not JSON. `passcount` and `distill` write
+results as they finish (OUT.results.jsonl) and resume where a killed run stopped; a teacher request
+that failed is not recorded (a re-run asks again), and an auth error (HTTP 401/403) stops at once.
 """
 
 import argparse
 import base64
 import csv
 import hashlib
+import http.client
 import io
 import itertools
 import json
@@ -57,44 +63,75 @@ def resize_rule(image: Image.Image) -> Image.Image:
     return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
 
 
+def image_name(image, k: int) -> str:
+    """How a reject names an image: its path, or its place in the row when it has none."""
+    if isinstance(image, dict) and image.get("path") and not image.get("bytes"):
+        return str(image["path"])
+    return str(image) if isinstance(image, (str, Path)) else f"images[{k}]"
+
+
 def open_image(image) -> Image.Image:
-    """A PIL image, {"bytes"/"path"} dict, bytes or path -> a decoded RGB image (raises on bad data)."""
+    """A PIL image, {"bytes"/"path"} dict, bytes or path -> a decoded RGB image (raises on bad data).
+    An image over Image.MAX_IMAGE_PIXELS is refused from its header, before it is decoded: PIL itself
+    refuses only at twice its limit and merely warns in between (a 100 MP image decodes to 1.1 GB)."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, dict):
         image = image.get("bytes") or image.get("path")
     image = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
+    if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels")
     image.load()  # decode now: a truncated file fails here, not during training
     return image.convert("RGB")
 
 
-def validate(row: dict) -> tuple[dict | None, str | None]:
-    """(clean row, None) or (None, reason). Options become a JSON string, images decoded RGB."""
+def dataset_index_of(row: dict) -> int | None:
+    """The row's dataset_index as an int (None when it has none); ValueError when it is not an integer."""
+    index = row.get("dataset_index")
+    if index is None or isinstance(index, int) and not isinstance(index, bool):
+        return index
+    if isinstance(index, float) and index.is_integer():
+        return int(index)
+    if isinstance(index, str) and index.strip().lstrip("-").isdigit():
+        return int(index)
+    raise ValueError(f"dataset_index {index!r} is not an integer")
+
+
+def validate(row: dict) -> tuple[dict | None, dict | None]:
+    """(clean row, None) or (None, reject): a reject is {"reason": ...} plus what it concerns (the
+    image's path, the bad value). Options become a JSON string, images decoded RGB."""
     try:
         for field in ("question", "options", "answer_label"):
-            if row.get(field) in (None, ""):
-                return None, f"missing {field}"
+            if row.get(field) is None or str(row[field]).strip() == "":  # a question of only spaces too
+                return None, {"reason": f"missing {field}"}
+        try:
+            index = dataset_index_of(row)
+        except ValueError:
+            return None, {"reason": "dataset_index is not an integer", "value": repr(row.get("dataset_index"))[:60]}
         options = R.options_dict(row)
         if not options or any(not text for text in options.values()):
-            return None, "empty options"
+            return None, {"reason": "empty options"}
         label = str(row["answer_label"]).strip()
         if label not in options:
-            return None, "answer_label not among options"
+            return None, {"reason": "answer_label not among options"}
         if row.get("answer") not in (None, "") and str(row["answer"]).strip() != options[label]:
-            return None, "answer != options[answer_label]"
+            return None, {"reason": "answer != options[answer_label]"}
         images = []
-        for image in row.get("images") or []:
+        for k, image in enumerate(row.get("images") or []):
             try:
                 images.append(resize_rule(open_image(image)))
-            except Image.DecompressionBombError:
-                return None, "image too large (decompression bomb)"
+            except Image.DecompressionBombError as e:
+                return None, {"reason": "image too large (decompression bomb)", "image": image_name(image, k),
+                              "detail": str(e)[:120]}
+            except FileNotFoundError:
+                return None, {"reason": "image file not found", "image": image_name(image, k)}
             except Exception as e:
-                return None, f"image does not decode ({type(e).__name__})"
+                return None, {"reason": f"image does not decode ({type(e).__name__})", "image": image_name(image, k)}
         return {"images": images, "question": str(row["question"]).strip(), "options": json.dumps(options),
                 "answer_label": label, "answer": options[label], "reasoning": row.get("reasoning"),
-                "dataset_name": row.get("dataset_name") or "rows", "dataset_index": row.get("dataset_index")}, None
+                "dataset_name": row.get("dataset_name") or "rows", "dataset_index": index}, None
     except Exception as e:  # options that do not parse, wrong types, ...
-        return None, f"malformed ({type(e).__name__}: {e})"[:120]
+        return None, {"reason": f"malformed ({type(e).__name__}: {e})"[:120]}
 
 
 PMC_STRIP = " \t\r\n\"'\xa0\u200a"
@@ -119,29 +156,61 @@ def pmc_raw_rows(csv_path: str, image_dir: str):
             yield position, row, reason
 
 
+def jsonl_rows(path: str):
+    """A JSON-lines file read line by line: a line that is not a JSON object is one reject (with its
+    line number), where datasets' reader would stop the whole run (and on mixed types, too)."""
+    with open(path, encoding="utf-8") as f:
+        for position, line in enumerate(f):
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
+                yield position, row, None
+            except ValueError as e:  # JSONDecodeError included
+                yield position, {}, {"reason": "not a JSON object", "line": position + 1, "detail": str(e)[:80]}
+
+
 def prepare(args) -> None:
+    """Validate every row; a bad one goes to OUT.rejects.jsonl, written as it comes (a crash later
+    keeps every reason so far), with its position, its dataset_index and why. A row whose
+    dataset_name and dataset_index repeat an earlier row's is a reject too: every later stage keys
+    its results on them. Stops without writing OUT when no row is left."""
     if args.source == "pmc-raw":
-        source = pmc_raw_rows(args.csv, args.images)
+        source = ((i, row, {"reason": reason} if reason else None) for i, row, reason in pmc_raw_rows(args.csv, args.images))
+    elif args.data.endswith(".jsonl"):
+        source = jsonl_rows(args.data)
     else:
         data = M.load_rows(args.data, args.split)
         source = ((i, data[i], None) for i in range(len(data)))
-    kept, rejects, seen, duplicates = [], [], {}, 0
-    for position, row, reason in source:
-        clean, reason = (None, reason) if reason else validate(row)
-        if clean is None:
-            rejects.append({"position": position, "reason": reason})
-            continue
-        if clean["dataset_index"] is None:
-            clean["dataset_index"] = position
-        digest = hashlib.sha256((clean["question"] + "\0" + clean["answer"]).encode()).hexdigest()
-        duplicates += digest in seen
-        seen.setdefault(digest, position)
-        kept.append(clean)
-    save_rows(kept, args.out)
-    Path(f"{args.out}.rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
-    print(f"kept {len(kept)} rows -> {args.out}; rejected {len(rejects)} -> {args.out}.rejects.jsonl")
-    for reason, count in Counter(r["reason"] for r in rejects).most_common():
+    rejects_path = Path(f"{args.out}.rejects.jsonl")
+    kept, first_at, seen, duplicates, reasons = [], {}, {}, 0, Counter()
+    with open(rejects_path, "w") as rejects:
+        for position, row, reject in source:
+            clean, reject = (None, reject) if reject else validate(row)
+            if clean is not None:
+                if clean["dataset_index"] is None:
+                    clean["dataset_index"] = position
+                key = M.row_key(clean, position)
+                if key in first_at:
+                    clean, reject = None, {"reason": "duplicate dataset_index", "first_position": first_at[key]}
+                first_at.setdefault(key, position)
+            if clean is None:
+                rejects.write(json.dumps({"position": position, "dataset_index": row.get("dataset_index"), **reject},
+                                         default=str) + "\n")
+                rejects.flush()
+                reasons[reject["reason"]] += 1
+                continue
+            digest = hashlib.sha256((clean["question"] + "\0" + clean["answer"]).encode()).hexdigest()
+            duplicates += digest in seen
+            seen.setdefault(digest, position)
+            kept.append(clean)
+    total = len(kept) + sum(reasons.values())
+    print(f"kept {len(kept)} rows -> {args.out}; rejected {sum(reasons.values())} -> {rejects_path}")
+    for reason, count in reasons.most_common():
         print(f"  {count:6d}  {reason}")
+    if not kept:
+        raise SystemExit(f"all {total} rows were rejected, nothing written to {args.out}: the reasons are in {rejects_path}")
+    save_rows(kept, args.out)
     print(f"duplicate questions (same question and answer): {duplicates}")
 
 
@@ -163,11 +232,12 @@ def save_dataset(data, out: str) -> None:
 # ---- pass counts: how often the 3B model answers right in 16 samples ----
 
 def passcount(args) -> None:
+    rows = M.load_rows(args.data, args.split)  # rows are decoded one at a time, when their chunk runs
+    M.check_rows(rows, args.data)  # results join on dataset_index
+    path = M.resolve_model(args.model, flag="--model")
     rank, world, device = M.init_distributed()
     engine = None
     try:
-        rows = M.load_rows(args.data, args.split)  # rows are decoded one at a time, when their chunk runs
-        path = M.resolve_model(args.model)
         engine = rollout.make_engine(args.rollout, path, M.load_processor(path),
                                      model=M.load_model(path, device=device) if args.rollout == "hf" else None,
                                      **(dict(max_model_len=args.max_model_len, seed=args.seed, dtype=args.vllm_dtype,
@@ -198,6 +268,7 @@ def passcount(args) -> None:
 
 def filter_rows(args) -> None:
     rows = M.load_rows(args.data, args.split)
+    M.check_rows(rows, args.data, ("pass_count", "dataset_name"))
     kept = rows.filter(lambda n: n is not None and args.min <= n <= args.max, input_columns="pass_count")
     if args.easy_to_hard:  # the paper's ablation: shuffle (seed 42), then most passes first (stable sort)
         kept = kept.shuffle(seed=args.seed).flatten_indices()
@@ -218,7 +289,8 @@ def think_content(text: str) -> str | None:
 
 def api_complete(args, row: dict) -> list[str]:
     """`samples` completions from an OpenAI-compatible chat endpoint, images as base64 PNG, with
-    retries and exponential backoff. The key comes from the environment and is never printed."""
+    retries and exponential backoff; None when every try failed (the HTTP status or error is
+    printed). The key comes from the environment and is never printed."""
     content = []
     for image in M.row_images(row):
         buffer = io.BytesIO()
@@ -236,46 +308,71 @@ def api_complete(args, row: dict) -> list[str]:
             request = urllib.request.Request(args.api_base.rstrip("/") + "/chat/completions", body, headers)
             with urllib.request.urlopen(request, timeout=args.timeout) as response:
                 return [choice["message"]["content"] or "" for choice in json.load(response)["choices"]]
-        except (urllib.error.URLError, TimeoutError, KeyError, json.JSONDecodeError) as e:
-            if attempt == args.retries:
-                print(f"row {row.get('dataset_index')}: giving up after {attempt + 1} tries ({type(e).__name__})")
-                return []
-            time.sleep(args.backoff * 2 ** attempt)
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):  # a missing or wrong key fails every row alike: stop at once
+                raise SystemExit(f"teacher endpoint {args.api_base}: HTTP {e.code} {e.reason}; "
+                                 f"check the key in ${args.api_key_env} and --api-base")
+            error = f"HTTP {e.code} {e.reason}"
+        except (urllib.error.URLError, OSError, http.client.HTTPException, KeyError, TypeError, json.JSONDecodeError) as e:
+            error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"[:120]
+        if attempt == args.retries:
+            print(f"row {row.get('dataset_index')}: no answer after {attempt + 1} tries ({error})", flush=True)
+            return None
+        time.sleep(args.backoff * 2 ** attempt)
+
+
+def api_teach(args, rows: list[dict]) -> list[list[str] | None]:
+    """api_complete for every row, --concurrency requests at a time. An auth error stops the run:
+    the requests not started yet are cancelled."""
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        futures = [pool.submit(api_complete, args, row) for row in rows]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def distill(args) -> None:
+    rows = M.load_rows(args.data, args.split)
+    M.check_rows(rows, args.data)  # results join on dataset_index: a duplicate would get another row's trace
+    path = None if args.api_base else M.resolve_model(args.teacher, flag="--teacher")
     rank, world, device = M.init_distributed()
     engine = None
     try:
-        rows = M.load_rows(args.data, args.split)
-        if not args.api_base:
-            path = M.resolve_model(args.teacher)
+        if path is not None:
             engine = rollout.make_engine(args.rollout, path, M.load_processor(path),
                                          model=M.load_model(path, device=device) if args.rollout == "hf" else None,
                                          **(dict(max_model_len=args.max_model_len, seed=args.seed,
                                                  dtype=args.vllm_dtype, max_images=args.max_images)
                                             if args.rollout == "vllm" else {}))
 
-        def teach(share: list[dict], positions: list[int]) -> list[dict]:
+        def teach(share: list[dict], positions: list[int]) -> list[dict | None]:
             if engine is not None:
                 texts = [[c.text for c in group] for group in engine.generate(
                     share, n=args.samples, temperature=1.0, max_new_tokens=args.max_new_tokens,
                     seed=[args.seed + p for p in positions])]
             else:
-                with ThreadPoolExecutor(args.concurrency) as pool:
-                    texts = list(pool.map(lambda row: api_complete(args, row), share))
-            # the first sample the eval grader accepts gives the trace; rows without one get None
-            return [{"reasoning": next((think_content(t) for t in samples if R.is_correct(t, row) and think_content(t)),
+                texts = api_teach(args, share)
+            # the first sample the eval grader accepts gives the trace; rows without one get None;
+            # a row whose request failed (None) is not recorded, so a re-run asks again
+            return [None if samples is None else
+                    {"reasoning": next((think_content(t) for t in samples if R.is_correct(t, row) and think_content(t)),
                                        None), "samples": len(samples)} for row, samples in zip(share, texts)]
 
         results = M.resumable_map(teach, rows, Path(f"{args.out}.results.jsonl"), args.chunk_rows, desc="rows")
         if rank == 0:
-            traces = [r["reasoning"] for r in results]
+            traces = [r["reasoning"] if r else None for r in results]
             kept = rows.remove_columns([c for c in ["reasoning"] if c in rows.column_names]).add_column("reasoning", traces)
             kept = kept.filter(lambda t: t is not None, input_columns="reasoning")
             save_dataset(kept, args.out)
-            print(f"{len(kept)} of {len(rows)} rows got a correct trace -> {args.out}; "
-                  f"{len(rows) - len(kept)} left out ({sum(r['samples'] == 0 for r in results)} with no answer at all)")
+            failed = sum(r is None for r in results)
+            print(f"{len(kept)} of {len(rows)} rows got a correct trace -> {args.out}; {len(rows) - len(kept)} left out "
+                  f"({sum(r is not None and r['samples'] == 0 for r in results)} with no answer at all)")
+            if failed:
+                raise SystemExit(f"{failed} rows got no answer from the teacher (errors above) and are not recorded as "
+                                 f"done: run the same command again to retry them")
     finally:
         if engine is not None:
             engine.close()
@@ -396,6 +493,16 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--test", type=int, default=128, help="test rows")
     q.add_argument("--seed", type=int, default=0, help="generator seed")
     args = p.parse_args(argv)
+    if args.command == "prepare" and args.source == "pmc-raw" and not (args.csv and args.images):
+        p.error("prepare --source pmc-raw needs --csv (PMC-VQA's train.csv) and --images (its figures folder)")
+    if args.command == "prepare" and args.source == "pmc-raw" and not Path(args.csv).is_file():
+        p.error(f"--csv {args.csv}: no such file")
+    if args.command == "prepare" and args.source == "rows" and not args.data:
+        p.error("prepare --source rows needs --data")
+    if args.command in ("passcount", "distill"):
+        M.check_flags(p, args, {"samples": 1, "max_new_tokens": 1, "chunk_rows": 1, "max_images": 1})
+    if args.command == "distill":
+        M.check_flags(p, args, {"concurrency": 1, "retries": 0, "backoff": 0}, above={"timeout": 0})
     {"prepare": prepare, "passcount": passcount, "filter": filter_rows, "distill": distill, "toy": toy}[args.command](args)
 
 

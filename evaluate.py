@@ -3,10 +3,12 @@
 Greedy decoding (temperature 0, max 4096 new tokens, seed 42) with the training prompt, through the
 rollout engine (vLLM, or --rollout hf), data parallel over torchrun ranks. Every finished row is
 appended to `OUT/NAME/results.jsonl` (completion, extracted answer, both verdicts, token count), so
-a killed evaluation picks up where it stopped. The summary gives accuracy per benchmark and their
-unweighted average with two graders side by side: `lenient` (reward.is_correct, the paper's
-metric) and `strict` (reward.reward, the training reward: format required), plus the format
-failure rate and the mean response length.
+a killed evaluation picks up where it stopped. Each record names what produced it (the resolved
+checkpoint, saved when, and the generation settings): a re-run reuses only records of the same
+checkpoint and settings, so a run directory that got a newer checkpoint is evaluated afresh. The
+summary gives accuracy per benchmark and their unweighted average with two graders side by side:
+`lenient` (reward.is_correct, the paper's metric) and `strict` (reward.reward, the training reward:
+format required), plus the format failure rate and the mean response length.
 
     python evaluate.py --model qwen2.5-vl-3b runs/7b-rl-m23k/checkpoints/step_000320 --compare-paper
     torchrun --nproc_per_node 8 evaluate.py --model qwen2.5-vl-7b --repeats 3
@@ -95,9 +97,10 @@ def table(summaries: dict[str, dict], compare_paper: bool = False) -> str:
 # ---- inference: rows -> results.jsonl, resumable ----
 
 def run(engine, rows, results_path: Path, repeat: int = 0, max_new_tokens: int = 4096, seed: int = 42,
-        chunk_rows: int = 256) -> list[dict]:
+        chunk_rows: int = 256, tag: dict | None = None) -> list[dict]:
     """Greedy completions and verdicts for every row, resumable: rows already in `results_path` for
-    this repeat are not run again, new ones are appended chunk by chunk. Every rank calls this."""
+    this repeat and `tag` (what produced them: result_tag) are not run again, new ones are appended
+    chunk by chunk with the tag; records of another tag stay in the file, unused. Every rank calls this."""
     def generate(share: list[dict]) -> list:
         return engine.generate(share, n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=[seed] * len(share))
 
@@ -114,11 +117,23 @@ def run(engine, rows, results_path: Path, repeat: int = 0, max_new_tokens: int =
                     outputs.append([rollout.Completion([], "", [], "error")])
         return [score(row, out[0].text, len(out[0].token_ids)) for row, out in zip(share, outputs)]
 
-    return M.resumable_map(complete, rows, results_path, chunk_rows, tag={"repeat": repeat}, desc="rows")
+    return M.resumable_map(complete, rows, results_path, chunk_rows, tag={**(tag or {}), "repeat": repeat}, desc="rows")
+
+
+def result_tag(path: str, args) -> dict:
+    """What a result depends on besides its row: the checkpoint (model_id: a run directory's newest
+    complete checkpoint, saved when) and the generation settings. Every record carries it, and a
+    re-run only reuses records with the same one: a newer checkpoint or other settings start afresh
+    in the same results.jsonl, and are never mixed with the old records."""
+    generation = {"engine": args.rollout, "temperature": 0.0, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    if args.rollout == "vllm":  # what else changes vLLM's outputs: which rows fit, the weights' dtype, the kernels
+        generation.update(max_model_len=args.max_model_len, dtype=args.vllm_dtype, tensor_parallel=args.tensor_parallel)
+    return {"checkpoint": M.model_id(path), "generation": generation}
 
 
 def load_eval_rows(args) -> list[dict]:
     data = M.load_rows(args.data, args.split)
+    M.check_rows(data, args.data, M.ROW_COLUMNS + ("dataset_name",))  # results are keyed on dataset_index
     if args.benchmarks:
         wanted = set(args.benchmarks)
         data = data.filter(lambda name: name in wanted, input_columns="dataset_name")
@@ -151,17 +166,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compare-paper", action="store_true", help="print the paper's rows beside ours")
     p.add_argument("--out", default="runs/eval", help="output directory")
     args = p.parse_args(argv)
+    M.check_flags(p, args, {"limit": 0, "repeats": 1, "max_new_tokens": 1, "tensor_parallel": 1, "max_model_len": 1,
+                            "chunk_rows": 1}, above={"gpu_memory_utilization": 0})
+    # every --model named and the data checked before any model loads
+    paths = {name: M.resolve_model(name, flag="--model") for name in args.model}
+    rows = load_eval_rows(args)
 
     rank, world, device = M.init_distributed()
     engine = None
     try:
-        rows = load_eval_rows(args)
         M.print0(f"{len(rows)} rows: " + ", ".join(f"{n} {sum(r['dataset_name'] == n for r in rows)}"
                                                   for n in dict.fromkeys(r["dataset_name"] for r in rows)))
         max_images = max([len(r.get("images") or []) for r in rows] + [1])
         summaries = {}
-        for name in args.model:
-            path = M.resolve_model(name)
+        for name, path in paths.items():
             processor = M.load_processor(path)
             policy = M.load_model(path, device=device) if args.rollout == "hf" else None
             engine = rollout.make_engine(args.rollout, path, processor, model=policy, **(dict(
@@ -169,8 +187,10 @@ def main(argv: list[str] | None = None) -> None:
                 gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, dtype=args.vllm_dtype)
                 if args.rollout == "vllm" else {}))
             out = Path(args.out) / name.strip("/").replace("/", "__")
+            tag = result_tag(path, args)
+            M.print0(f"{name}: {tag['checkpoint']}")
             runs = [summarize(run(engine, rows, out / "results.jsonl", repeat, args.max_new_tokens, args.seed,
-                                  args.chunk_rows)) for repeat in range(args.repeats)]
+                                  args.chunk_rows, tag)) for repeat in range(args.repeats)]
             summary = {bench: {k: statistics.mean(r[bench][k] for r in runs) for k in runs[0][bench]} for bench in runs[0]}
             if args.repeats > 1:  # spread of the repeated greedy runs
                 for bench in summary:
@@ -178,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                         summary[bench][grader + "_std"] = statistics.pstdev(r[bench][grader] for r in runs)
             summaries[name] = summary
             if rank == 0:
-                (out / "summary.json").write_text(json.dumps({"model": name, "repeats": runs, "mean": summary}, indent=2))
+                (out / "summary.json").write_text(json.dumps({"model": name, **tag, "repeats": runs, "mean": summary},
+                                                             indent=2))
             if len(args.model) > 1:  # the next model needs its own engine
                 engine.close()
                 engine = None

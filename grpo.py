@@ -28,7 +28,7 @@ Resuming needs no RNG state: the data order is a function of (seed, epoch) and e
 sampling is seeded by (seed, step, prompt), so a resumed run reproduces the uninterrupted one.
 Rows with images are never truncated: a prompt over --max-prompt-tokens is an error before
 training starts (or, with --skip-long-prompts, dropped with a count). A run resumes from the last
-complete checkpoint in --out with --resume.
+complete checkpoint in --out with --resume; a non-empty --out is refused without --resume or --overwrite.
 """
 
 import argparse
@@ -113,6 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end; 0: only at the end)")
     g.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0: all)")
     g.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out (its old run's files are deleted)")
     g.add_argument("--dump-every", type=int, default=10, help="write sampled rollouts every N steps")
     g.add_argument("--eval-data", default=None, help="rows evaluate.py scores greedily every --eval-every steps")
     g.add_argument("--eval-every", type=int, default=0, help="0: no in-training evaluation; else also one before the first step")
@@ -128,8 +129,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.plan and not args.data:
         p.error("--data is required")
     args.dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() or args.plan else "float32")
+    M.check_flags(p, args, {"prompts_per_step": 1, "group_size": 1, "mini_batch": 1, "micro_batch": 1, "epochs": 1,
+                            "max_prompt_tokens": 1, "max_response_tokens": 1, "lr": 0, "kl_coef": 0, "dual_clip": 1},
+                  above={"temperature": 0, "top_p": 0, "grad_clip": 0})  # before vLLM or the model loads
     if args.prompts_per_step % args.mini_batch:
         p.error("--prompts-per-step must be a multiple of --mini-batch")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out, --overwrite replaces it: pass one")
     return args
 
 
@@ -434,22 +440,30 @@ def main(argv: list[str] | None = None) -> None:
             tensor_parallel=args.tensor_parallel, gpu_memory_utilization=args.gpu_memory_utilization,
             vllm_bytes=4 if args.vllm_dtype == "float32" else 2, max_model_len=longest,
             gpu_gib=P.gpu_gib(args.gpu_memory_gb), ranks_per_node=P.ranks_per_node(world)), args.model, show=args.plan)
+    # ---- checks before anything loads: the model name, --out, the data's columns and rows ----
+    out = Path(args.out)
+    path = M.resolve_model(args.model, flag="--model")
+    M.check_out_dir(out, args.resume, args.overwrite)
+    rows = M.load_rows(args.data, args.split)
+    M.check_rows(rows, args.data)
+    eval_rows = list(M.load_rows(args.eval_data, "test")) if args.eval_data else None
+    if eval_rows is not None:
+        M.check_rows(eval_rows, args.eval_data, M.ROW_COLUMNS + ("dataset_name",))
     rank, world, device = M.init_distributed()
     torch.manual_seed(args.seed)
-    out = Path(args.out)
     policy = ref = engine = optimizer = None
     try:
         if args.prompts_per_step % world or args.mini_batch % world:
             raise SystemExit(f"--prompts-per-step and --mini-batch must be multiples of the world size {world}")
-        path = M.resolve_model(args.model)
         processor = M.load_processor(path)
-        rows = M.load_rows(args.data, args.split)
         indices, prompt_lens = check_prompt_lengths(rows, processor, args, rank, world)
         steps_per_epoch = len(indices) // args.prompts_per_step
         if steps_per_epoch == 0:
             raise SystemExit(f"{len(indices)} usable rows, fewer than --prompts-per-step {args.prompts_per_step}")
         total_steps = args.max_steps or steps_per_epoch * args.epochs
         if rank == 0:
+            if args.overwrite:
+                M.clear_outputs(out)
             out.mkdir(parents=True, exist_ok=True)
             import transformers
             versions = {"torch": torch.__version__, "transformers": transformers.__version__}
@@ -480,7 +494,6 @@ def main(argv: list[str] | None = None) -> None:
                                         if args.rollout == "vllm" else {}))
         if start:
             engine.update_weights(policy)  # the engine loaded the initial weights from disk
-        eval_rows = list(M.load_rows(args.eval_data, "test")) if args.eval_data else None
         metrics_file = M.open_metrics(out / "metrics.jsonl", start) if rank == 0 else None
 
         if eval_rows is not None and args.eval_every and start == 0:
@@ -523,16 +536,18 @@ def main(argv: list[str] | None = None) -> None:
             on_policy = len(forwards) == 1
             mine = {samples[j][0] for fws in forwards for fw in fws if fw is not None for j in fw.idx}
             encoded = {i: M.encode_prompt(processor, rows[i]) for i in mine | {samples[0][0]}}
+            # batches stay in host memory between their forwards (on a GPU only log-probs stay there)
             batch_of = {}  # (update, k) -> (batch, old log-probs or None, reference log-probs or None)
             with torch.no_grad():
                 for u, fws in enumerate(forwards):
                     for k, fw in enumerate(fws):
-                        b = M.to_device(make_batch(fw, samples, encoded, processor, policy, not args.no_packing), device)
-                        batch_of[u, k] = (b, None if on_policy else M.token_logprobs(policy, b, args.temperature),
+                        host = make_batch(fw, samples, encoded, processor, policy, not args.no_packing)
+                        b = M.to_device(host, device)
+                        batch_of[u, k] = (host, None if on_policy else M.token_logprobs(policy, b, args.temperature),
                                           M.token_logprobs(ref, b, args.temperature) if ref is not None else None)
             M.reshard(policy, ref)  # no backward follows these forwards: free the gathered roots
             # canary: the engine's log-probs must match the trainer's (a stale sync shows up here)
-            gaps = [canary(samples, forwards[u][k].idx, old, b["completion_mask"])
+            gaps = [canary(samples, forwards[u][k].idx, old, b["completion_mask"].to(device))
                     for (u, k), (b, old, _) in batch_of.items() if forwards[u][k] is not None and old is not None]
             t["logprobs"] = time.perf_counter()
 
@@ -544,7 +559,8 @@ def main(argv: list[str] | None = None) -> None:
             norms = []
             for u, fws in enumerate(forwards):
                 for k, fw in enumerate(fws):
-                    b, old, ref_lp = batch_of[u, k]
+                    b, old, ref_lp = batch_of.pop((u, k))
+                    b = M.to_device(b, device)
                     logp = M.token_logprobs(policy, b, args.temperature)        # (B, T) padded, (1, N) packed
                     if fw is None:  # padding: join the collectives, contribute nothing
                         (logp.sum() * 0).backward()

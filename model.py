@@ -17,16 +17,21 @@ set-up and FSDP2, checkpoints, data loading. The rollout engines are in rollout.
   shards, which they built on the meta device.
 - Checkpoints are Hugging Face directories (transformers and vLLM load them as they are), written
   by rank 0 into a temporary directory and renamed into place, so a killed run never leaves a
-  half-written checkpoint under the final name.
+  half-written checkpoint under the final name; their trainer_state.json lists every file's size,
+  so one damaged later is seen as incomplete and skipped.
+- Data: `load_rows` reads a dataset; `check_rows` stops a stage before anything heavy loads when a
+  column it needs is missing or two rows share a dataset_index; `resumable_map` streams per-row
+  results to a JSON-lines file that a re-run picks up.
 """
 
 import io
 import json
 import math
 import os
+import re
 import shutil
 import socket
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import MethodType
 from typing import Iterator
@@ -49,18 +54,51 @@ MODEL_ALIASES = {
 CACHE_DIR = Path(os.environ.get("MEDVLT_CACHE", Path.home() / ".cache" / "medvlthinker"))
 
 
-def resolve_model(name: str, seed: int = 0) -> str:
+# What the hub accepts as a model id: "name" or "owner/name" (letters, digits, "-", "_", ".").
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def resolve_model(name: str, seed: int = 0, flag: str | None = None) -> str:
     """An alias, `tiny`, a local checkpoint, a run directory (its last complete checkpoint) or a hub
-    id -> what `from_pretrained` takes."""
+    id -> what `from_pretrained` takes.
+
+    A name that is none of these (a path that does not exist, or "runs/x" when runs/ is a local
+    folder) raises FileNotFoundError here, instead of the hub's "Repo id must be in the form ..."
+    later; with `flag` (the command-line flag it came from) it stops the program with that flag named."""
     if name == "tiny":
         return str(build_tiny(CACHE_DIR / f"tiny-{TINY_VERSION}-seed{seed}", seed=seed))
+    if name in MODEL_ALIASES:
+        return MODEL_ALIASES[name]
     run = Path(name)
+    problem = None
     if (run / "checkpoints").is_dir():  # a run's own config.json is its flags, not a model's
+        steps = sorted((run / "checkpoints").glob("step_*"))
         done = complete_checkpoints(run / "checkpoints")
-        if not done:
-            raise FileNotFoundError(f"{name}: a run directory with no complete checkpoint")
-        return str(done[-1])
-    return MODEL_ALIASES.get(name, name)
+        if done and steps[-1] != done[-1]:
+            print0(f"{name}: using {done[-1].name}; {steps[-1].name} is incomplete "
+                   f"({checkpoint_problem(steps[-1])})")
+        if done:
+            return str(done[-1])
+        problem = f"{name}: a run directory with no complete checkpoint"
+    elif run.is_dir() or (HUB_ID.fullmatch(name) and not (run.parent != Path(".") and run.parent.is_dir())):
+        return name
+    else:
+        problem = (f"{name}: no such model directory, and not a hub id or an alias "
+                   f"({', '.join([*MODEL_ALIASES, 'tiny'])})")
+    if flag:
+        raise SystemExit(f"{flag} {problem}")
+    raise FileNotFoundError(problem)
+
+
+def model_id(path: str) -> str:
+    """What produced a result, for keying results: a hub id as it is; a local checkpoint as its
+    absolute path and the time its weights were written, so a checkpoint saved again under the
+    same name (a re-run with --overwrite) counts as another model."""
+    local = Path(path)
+    if not local.is_dir():
+        return path
+    written = max((p.stat().st_mtime for p in local.glob("*.safetensors")), default=local.stat().st_mtime)
+    return f"{local.resolve()}@{datetime.fromtimestamp(written).isoformat()}"
 
 
 def load_processor(name: str):
@@ -72,23 +110,25 @@ def load_processor(name: str):
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """The Qwen2.5-VL (or any image-text-to-text) model in `dtype`, SDPA attention, eval mode.
+    """The Qwen2.5-VL (or any image-text-to-text) model in `dtype`, SDPA attention (PACKED_SDPA: packed
+    rows attend per sequence), eval mode.
 
     device="meta" builds the same model from config.json alone: no weights are read and its tensors
     have shapes but no storage (load_sharded_model fills them in)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
+    _register_packed_sdpa()
     path = resolve_model(name)
     if torch.device(device).type == "meta":
         with torch.device("meta"):
             model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path), dtype=dtype,
-                                                            attn_implementation="sdpa")
+                                                            attn_implementation=PACKED_SDPA)
         try:  # the sampling defaults that from_pretrained reads too (generate uses them)
             model.generation_config = GenerationConfig.from_pretrained(path)
         except OSError:
             pass
         return model.eval()
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=PACKED_SDPA)
     return model.to(device).eval()
 
 
@@ -177,11 +217,12 @@ def pack(model, batch: dict) -> dict:
     N = their real tokens: no pad token reaches any layer (verl's use_remove_padding).
 
     position_ids (4, 1, N): plane 0 is each token's position in its own sequence, restarting at 0 at
-    every sequence; from where it restarts transformers builds a block-diagonal causal mask (no token
-    attends across sequences; masking_utils.find_packed_sequence_indices, used when there is no
-    attention_mask). Planes 1-3 are the model's 3-D rope positions of each sequence, computed on the
-    padded batch by its own get_rope_index, so image tokens get exactly the positions they get alone.
-    Images stay in order: the packed image tokens meet the image features in the order of collate()."""
+    every sequence (what transformers reads as packing); planes 1-3 are the model's 3-D rope
+    positions of each sequence, computed on the padded batch by its own get_rope_index, so image
+    tokens get exactly the positions they get alone.
+    seq_lens (B,) lets token_logprobs run attention per sequence (PACKED_SDPA): no token attends
+    across sequences. Images stay in order: the packed image tokens meet the image features in the
+    order of collate()."""
     keep = batch["attention_mask"].bool()                                          # (B, T)
     rope, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
                                          batch.get("image_grid_thw"), attention_mask=batch["attention_mask"])
@@ -191,6 +232,39 @@ def pack(model, batch: dict) -> dict:
     packed["seq_lens"] = keep.sum(1)                                               # (B,)
     packed.update({k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch})
     return packed
+
+
+# A packed row (pack) must not attend across its sequences. transformers' sdpa path would build a
+# (N, N) block-diagonal mask from the restarting positions and compute all N^2 scores, most of them
+# masked: on CPU that made a packed micro-batch 2x slower than the padded one. PACKED_SDPA instead
+# runs causal sdpa on each sequence's span (sum of T_i^2, no mask; on GPU sdpa's flash kernel), and is
+# plain sdpa for everything else: padded batches, generation, the vision tower (not causal).
+PACKED_SDPA = "sdpa_packed"
+
+
+def _packed_sdpa(module, query, key, value, attention_mask, packed_seq_lens: list[int] | None = None, **kwargs):
+    """query, key, value (1, heads, N, d) of a packed row -> attention output (1, N, heads, d)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if packed_seq_lens is None or not getattr(module, "is_causal", False):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    spans = zip(*(t.split(packed_seq_lens, dim=2) for t in (query, key, value)))  # each (1, heads, T_i, d)
+    return torch.cat([sdpa_attention_forward(module, q, k, v, None, **kwargs)[0] for q, k, v in spans], dim=1), None
+
+
+def _packed_sdpa_mask(*args, attention_mask=None, **kwargs):
+    """No mask without padding (_packed_sdpa is causal per sequence); sdpa's mask for padded batches."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def _register_packed_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_SDPA, _packed_sdpa)
+    AttentionMaskInterface.register(PACKED_SDPA, _packed_sdpa_mask)
 
 
 def build_batch(processor, rows: list[dict], completions: list[list[int]]) -> dict:
@@ -289,7 +363,8 @@ def _blank_image_features(model) -> torch.Tensor:
 def _token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_tokens: int = 256) -> torch.Tensor:
     sharded = dist.is_initialized() and dist.get_world_size() > 1
     blank = _blank_image_features(model) if sharded and "pixel_values" not in batch else None
-    hidden = model.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False).last_hidden_state
+    packed = {"packed_seq_lens": batch["seq_lens"].tolist()} if "seq_lens" in batch else {}  # see _packed_sdpa
+    hidden = model.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False, **packed).last_hidden_state
     if blank is not None:
         hidden = hidden + 0.0 * blank.sum()
     mask = batch["completion_mask"][:, 1:]                      # (B, T-1): token t+1 is a completion token
@@ -470,9 +545,10 @@ def save_checkpoint(model, processor, out_dir: str | Path, meta: dict, dtype: to
     """All ranks call this. The checkpoint is assembled in `.NAME.partial` beside `out_dir`: the
     optional `resume_state` (sharded tensors, e.g. optimizer state) by every rank through
     torch.distributed.checkpoint into `resume/`, then by rank 0 the Hugging Face files (config,
-    safetensors in `dtype`, processor and tokenizer files) and trainer_state.json with `meta`, last.
-    Rank 0 then renames it into place: a run killed at any moment leaves a complete checkpoint or
-    none under the final name."""
+    safetensors in `dtype`, processor and tokenizer files) and trainer_state.json with `meta` and the
+    size of every other file, last. Rank 0 then renames it into place: a run killed at any moment
+    leaves a complete checkpoint or none under the final name, and a file damaged later (deleted,
+    truncated by a full disk or a partial copy) shows in checkpoint_problem."""
     out_dir = Path(out_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
@@ -495,7 +571,7 @@ def save_checkpoint(model, processor, out_dir: str | Path, meta: dict, dtype: to
         config.dtype = dtype  # what the weights on disk are: from_pretrained and vLLM read it
         config.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2, default=str))
+        write_trainer_state(tmp, meta)  # last: it lists every other file, with its size
         if out_dir.exists():  # re-saving the same step: move the old copy aside first
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -524,28 +600,61 @@ def save_training_checkpoint(model, optimizer, processor, path: Path, meta: dict
             shutil.rmtree(old)
 
 
+def write_trainer_state(ckpt: Path, meta: dict) -> None:
+    """trainer_state.json, the last file of a checkpoint: `meta` plus "files", the size in bytes of
+    every other file in it (Hugging Face files and the sharded resume/ state alike)."""
+    files = {str(p.relative_to(ckpt)): p.stat().st_size for p in sorted(ckpt.rglob("*"))
+             if p.is_file() and p.name != "trainer_state.json"}
+    (ckpt / "trainer_state.json").write_text(json.dumps({**meta, "files": files}, indent=2, default=str))
+
+
+def checkpoint_problem(ckpt: Path, resume: bool = False) -> str | None:
+    """Why the checkpoint directory `ckpt` cannot be used, or None when it is complete: its
+    trainer_state.json (written last) reads, and every file it lists is there with the size it had
+    when saved. resume=True also wants the sharded training state (resume/) that --resume loads."""
+    try:
+        files = json.loads((ckpt / "trainer_state.json").read_text())["files"]
+    except FileNotFoundError:
+        return "no trainer_state.json (killed while saving?)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"trainer_state.json has no readable file list ({type(e).__name__})"
+    if resume and "resume/.metadata" not in files:
+        return "no optimizer state (resume/)"
+    for name, size in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size:,} bytes, {size:,} when saved"
+    return None
+
+
 def complete_checkpoints(checkpoints: Path) -> list[Path]:
-    """The `step_*` checkpoints under `checkpoints` whose trainer_state.json (written last) exists,
-    oldest first; one killed mid-save has none and is left out."""
-    return sorted(p for p in checkpoints.glob("step_*") if (p / "trainer_state.json").exists())
+    """The complete `step_*` checkpoints under `checkpoints` (checkpoint_problem), oldest first."""
+    return [p for p in sorted(checkpoints.glob("step_*")) if checkpoint_problem(p) is None]
 
 
 def load_training_checkpoint(model, optimizer, checkpoints: Path) -> int:
     """Load the last complete `step_*` checkpoint under `checkpoints` into the sharded model and the
-    optimizer; return its step (0 when there is none). Incomplete ones are `.partial` and ignored."""
+    optimizer; return its step (0 when there is none). A newer one that is incomplete or damaged
+    (checkpoint_problem) is skipped with the reason, and the run continues from the one before."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    done = complete_checkpoints(checkpoints)
-    if not done:
-        print0(f"resume: no checkpoint in {checkpoints}, starting at step 0")
+    for ckpt in sorted(checkpoints.glob("step_*"), reverse=True):
+        problem = checkpoint_problem(ckpt, resume=True)
+        if problem is None:
+            break
+        print0(f"resume: skipping {ckpt}: {problem}")
+    else:
+        print0(f"resume: no complete checkpoint in {checkpoints}, starting at step 0")
         return 0
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(done[-1] / "resume"))
+    dcp.load(state, checkpoint_id=str(ckpt / "resume"))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    step = json.loads((done[-1] / "trainer_state.json").read_text())["step"]
-    print0(f"resumed from {done[-1]} (step {step})")
+    step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    print0(f"resumed from {ckpt} (step {step})")
     return step
 
 
@@ -555,15 +664,39 @@ def row_key(row: dict, position: int) -> str:
     return f"{row.get('dataset_name')}/{position if index is None else index}"
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Complete lines only: a line cut short by a kill is dropped (its row is simply done again)."""
-    records = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
+def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
+    """The records of a JSON-lines file. A last line cut short by a kill (no newline at its end) is
+    dropped: its row is simply done again. repair=True also cuts it off the file, so that the next
+    record appended starts a line of its own instead of being glued onto it (losing both); a last
+    record that is whole but lacks its newline gets one. Other lines that do not parse are skipped
+    with a count."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1  # bytes up to and including the last newline
+    records, bad = [], 0
+    for line in data[:cut].decode("utf-8", "replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad += line.strip() != ""
+    tail, torn = data[cut:], False
+    if tail.strip():
+        try:
+            records.append(json.loads(tail))
+        except ValueError:  # JSONDecodeError, or UnicodeDecodeError for a character cut in half
+            torn = True
+    if bad:
+        print0(f"{path}: {bad} lines that are not JSON skipped")
+    if torn:
+        print0(f"{path}: its last line was cut short (a kill while writing?): dropped, its row is done again")
+    if repair and tail:
+        with open(path, "r+b") as f:
+            if torn or not tail.strip():
+                f.truncate(cut)
+            else:
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
     return records
 
 
@@ -571,18 +704,25 @@ def resumable_map(fn, rows, path: Path, chunk_rows: int = 256, tag: dict | None 
     """One record per row, computed by `fn(rows, positions) -> records` only for rows that `path`
     (JSON lines) does not hold yet, appended there chunk by chunk as they finish, so a killed run
     resumes with nothing lost and nothing done twice. Each chunk is split over the ranks (every rank
-    calls this); rank 0 writes. Records carry "key" (row_key) and the `tag` fields, which select
-    what counts as done (e.g. {"repeat": 1}). Returns the records in row order, on every rank."""
+    calls this; without a process group it is one rank); rank 0 writes. Records carry "key" (row_key)
+    and the `tag` fields, which select what counts as done: records with another tag (another
+    repeat, checkpoint or setting) stay in the file and are never used. `fn` returns None for a row
+    it could not do (a failed API call): nothing is written for it, a re-run tries again, and its
+    place in the returned list (records in row order, on every rank) is None."""
     from tqdm import tqdm
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     tag = tag or {}
     keys = [row_key(rows[i], i) for i in range(len(rows))]
     done = [None]
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        done[0] = {r["key"]: r for r in read_jsonl(path) if all(r.get(k) == v for k, v in tag.items())}
-    dist.broadcast_object_list(done)
+        records = read_jsonl(path, repair=True)
+        done[0] = {r["key"]: r for r in records if all(r.get(k) == v for k, v in tag.items())}
+        if len(records) > len(done[0]):
+            print(f"{path}: {len(records) - len(done[0])} records of other runs or settings kept, not used", flush=True)
+    if world > 1:
+        dist.broadcast_object_list(done)
     done = done[0]
     todo = [i for i in range(len(rows)) if keys[i] not in done]
     if done:
@@ -590,27 +730,31 @@ def resumable_map(fn, rows, path: Path, chunk_rows: int = 256, tag: dict | None 
     bar = tqdm(total=len(todo), desc=desc, disable=rank != 0 or not todo)
     for start in range(0, len(todo), chunk_rows):
         mine = todo[start:start + chunk_rows][rank::world]
-        new = [{"key": keys[i], **tag, **record} for i, record in zip(mine, fn([rows[i] for i in mine], mine))]
-        everyone = [None] * world
-        dist.all_gather_object(everyone, new)
-        new = [r for part in everyone for r in part]
+        new = [{"key": keys[i], **tag, **record} for i, record in zip(mine, fn([rows[i] for i in mine], mine))
+               if record is not None]
+        if world > 1:
+            everyone = [None] * world
+            dist.all_gather_object(everyone, new)
+            new = [r for part in everyone for r in part]
         if rank == 0:
             with open(path, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in new)
                 f.flush()
                 os.fsync(f.fileno())
         done.update((r["key"], r) for r in new)
-        bar.update(len(new))
+        bar.update(len(todo[start:start + chunk_rows]))
     bar.close()
-    return [done[k] for k in keys]
+    return [done.get(k) for k in keys]
 
 
 def open_metrics(path: Path, start_step: int):
     """metrics.jsonl for appending (rank 0). Lines of steps after `start_step` are dropped first: a
-    resumed run logs them again, and a fresh run (start 0) starts an empty file."""
+    resumed run logs them again, and a fresh run (start 0) starts an empty file. A torn last line
+    (a kill mid-write) is dropped with them."""
     kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return open(path, "a")
+
 
 def load_rows(spec: str, split: str = "train"):
     """A unified-schema dataset: a hub name, a `save_to_disk` directory, or a parquet/jsonl/json/csv
@@ -622,6 +766,72 @@ def load_rows(spec: str, split: str = "train"):
         data = load_from_disk(spec)
         return data[split] if isinstance(data, DatasetDict) else data
     formats = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
-    if path.suffix in formats:
+    if path.suffix in formats and path.is_file():
         return load_dataset(formats[path.suffix], data_files=spec, split="train")
+    if path.suffix in formats or not HUB_ID.fullmatch(spec) or (path.parent != Path(".") and path.parent.is_dir()):
+        raise FileNotFoundError(f"{spec}: no such dataset directory or file (and not a hub dataset name)")
     return load_dataset(spec, split=split)
+
+
+# ---- checks before anything heavy loads: rows, flags, output directories ----
+
+ROW_COLUMNS = ("question", "options", "answer_label")  # what the prompt and the graders read
+
+
+def check_rows(rows, source: str, columns: tuple[str, ...] = ROW_COLUMNS) -> None:
+    """Stop (SystemExit) when `rows` (a datasets.Dataset or a list of dicts) lacks one of `columns`,
+    or when two rows share a row_key (dataset_name and dataset_index): every resumable stage keys its
+    results on it, so one row would get the other's result (a trace, a verdict) and the other none.
+    Reads two columns, never the images."""
+    dataset = hasattr(rows, "column_names")
+    names = rows.column_names if dataset else sorted({k for r in rows for k in r})
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise SystemExit(f"{source}: no column {', '.join(map(repr, missing))} (it has {', '.join(names)})")
+    ids = {c: (rows[c] if c in names else [None] * len(rows)) if dataset else [r.get(c) for r in rows]
+           for c in ("dataset_name", "dataset_index")}
+    first, repeats = {}, []
+    for position, (name, index) in enumerate(zip(ids["dataset_name"], ids["dataset_index"])):
+        key = row_key({"dataset_name": name, "dataset_index": index}, position)
+        if key in first:
+            repeats.append(f"row {position} (dataset_index {index}) repeats row {first[key]}")
+        first.setdefault(key, position)
+    if repeats:
+        raise SystemExit(f"{source}: {len(repeats)} rows share their dataset_name and dataset_index with an earlier row "
+                         f"(results are keyed on them): " + "; ".join(repeats[:10])
+                         + ". Give every row its own dataset_index (curate.py prepare refuses duplicates).")
+
+
+def check_flags(parser, args, at_least: dict[str, float], above: dict[str, float] | None = None) -> None:
+    """parser.error naming the first flag out of range, before anything loads (a --group-size 0
+    otherwise fails a minute later inside vLLM). `at_least`: {dest: lowest allowed}; `above`:
+    {dest: bound the value must exceed}."""
+    for dest, low in at_least.items():
+        if getattr(args, dest) < low:
+            parser.error(f"--{dest.replace('_', '-')} must be at least {low}, got {getattr(args, dest)}")
+    for dest, low in (above or {}).items():
+        if getattr(args, dest) <= low:
+            parser.error(f"--{dest.replace('_', '-')} must be above {low}, got {getattr(args, dest)}")
+
+
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "rollouts", "eval")  # what sft.py and grpo.py write
+
+
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """A training run's --out must be empty unless --resume (continue that run) or --overwrite (start
+    afresh: clear_outputs). A new run into an old one's directory would cut its metrics.jsonl and
+    leave its later checkpoints beside the new ones, where --resume and evaluate.py pick them."""
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        raise SystemExit(f"--out {out} already holds a run ({', '.join(sorted(p.name for p in out.iterdir()))}): "
+                         "pass --resume to continue it, --overwrite to replace it, or another --out")
+
+
+def clear_outputs(out: Path) -> None:
+    """--overwrite: delete what an earlier run wrote into `out` (RUN_OUTPUTS; nothing else). Rank 0,
+    once every check has passed."""
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()

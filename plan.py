@@ -298,13 +298,12 @@ def layer_activation_bytes(hidden: int, kv: int, intermediate: int, c: int) -> i
 def forward_size(r: Run) -> tuple[int, int, int, int]:
     """(tokens, image tokens, lm_head tokens, attention-mask bytes) of the largest forward: the worst case.
     Packed: up to the token budget in one row (a longer sequence runs alone), as many of them image
-    tokens as its sequences can hold, and a block-diagonal boolean mask of tokens^2. Padded: as many
-    whole sequences of seq_len as the budget holds, a B x T^2 mask."""
+    tokens as its sequences can hold, and no mask (model.PACKED_SDPA attends per sequence). Padded:
+    as many whole sequences of seq_len as the budget holds, a B x T^2 boolean mask."""
     budget = r.tokens_per_forward or r.micro_batch * r.seq_len
     if r.packed:
         tokens = min(r.micro_batch * r.seq_len, max(budget, r.seq_len))
-        return (tokens, min(tokens, r.micro_batch * r.image_tokens), min(tokens, r.micro_batch * r.logit_tokens),
-                tokens ** 2)
+        return tokens, min(tokens, r.micro_batch * r.image_tokens), min(tokens, r.micro_batch * r.logit_tokens), 0
     b = min(r.micro_batch, max(1, budget // r.seq_len))
     return b * r.seq_len, b * r.image_tokens, b * r.logit_tokens, b * r.seq_len ** 2
 

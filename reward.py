@@ -9,7 +9,8 @@ Two graders, both from the official MedVLThinker code (SPEC.md section 4):
   purpose: a block spanning lines (`<answer>\\nB\\n</answer>`) scores 0, as do "B.", "(B)", "B: CT",
   and the first block wins even if it sits inside <think>. `lenient=True` accepts "(B)", "B.",
   "B: CT" and multi-line blocks, reads only the block after </think>, and still never pays for an
-  empty answer or for several letters.
+  empty answer or for several letters. The completion is what the engine decoded with
+  skip_special_tokens=True and nothing more is stripped (the official reward saw exactly that).
 - `is_correct(completion, row)`: the lenient grader behind the paper's tables. No format
   requirement: the last `<answer>` block's first non-empty line, or if there is none, the text
   after the last "answer:", "answer is:", "answer is" or "is:" (tried in that order), with the
@@ -25,9 +26,6 @@ import re
 
 THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
 TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
-# Chat-template tokens a decoded completion may still carry ("special tokens stripped", SPEC section 4).
-SPECIAL_TOKENS = re.compile(r"<\|(?:im_start|im_end|endoftext|vision_start|vision_end|vision_pad|image_pad|video_pad|"
-                            r"object_ref_start|object_ref_end|box_start|box_end|quad_start|quad_end)\|>")
 # Between </think> and <answer> only whitespace may appear; \s* after a fixed literal is linear.
 THINK_THEN_ANSWER = re.compile(r"</think>\s*<answer>")
 # Lenient training mode: "B", "(B)", "B.", "B)", "B: CT", "B. CT". ASCII letters only, so a Greek
@@ -96,17 +94,20 @@ def _lenient_match(answer: str, label: str, text: str) -> bool:
 
 
 def format_ok(completion: str) -> bool:
-    """True when the completion (special tokens stripped) is exactly <think>..</think> <answer>..</answer>."""
+    """True when the completion is exactly <think>..</think> <answer>..</answer>: the reward's gate."""
     try:
-        return _answer_after_think(SPECIAL_TOKENS.sub("", completion)) is not None
+        return _answer_after_think(completion) is not None
     except Exception:
         return False
 
 
 def reward(completion: str, row: dict, lenient: bool = False) -> float:
-    """The GRPO reward: 1.0 for a well-formatted completion whose answer is right, else 0.0."""
+    """The GRPO reward: 1.0 for a well-formatted completion whose answer is right, else 0.0.
+
+    `completion` is the text as the rollout engine decoded it (skip_special_tokens=True), and nothing
+    more is stripped: like the official reward, text that merely looks like a special token (an
+    "<|im_end|>" spelled out in ordinary tokens, which skip_special_tokens leaves in) fails the format."""
     try:
-        completion = SPECIAL_TOKENS.sub("", completion)
         answer_start = _answer_after_think(completion)
         if answer_start is None:
             return 0.0

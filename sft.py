@@ -14,9 +14,11 @@ epoch 3), no packing.
     python sft.py --model tiny --data DATA --global-batch 4 --micro-batch 2 --epochs 3      # CPU
     torchrun --nproc_per_node 8 sft.py --model qwen2.5-vl-7b --data UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized
 
-Checkpoints (every epoch, or --save-every steps) are Hugging Face directories plus sharded
-optimizer state; --resume continues from the last complete one, with the same data order (a
-function of seed and epoch) and learning-rate schedule (a function of the step).
+Rows with no reasoning trace (reasoning None, as `prepare` and `filter` leave it before `distill`)
+and no `text` are skipped with a count. Checkpoints (every epoch, or --save-every steps) are Hugging
+Face directories plus sharded optimizer state; --resume continues from the last complete one, with
+the same data order (a function of seed and epoch) and learning-rate schedule (a function of the
+step). A non-empty --out is refused unless --resume or --overwrite.
 """
 
 import argparse
@@ -68,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end of every epoch)")
     g.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0: all)")
     g.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out (its old run's files are deleted)")
     g = p.add_argument_group("memory plan and telemetry")
     g.add_argument("--plan", action="store_true", help="print the expected memory per GPU and per node, exit 0 if it fits, 2 if not")
     g.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
@@ -81,16 +84,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.plan and not args.data:
         p.error("--data is required")
+    M.check_flags(p, args, {"max_length": 1, "global_batch": 1, "micro_batch": 1, "lr": 0, "warmup_ratio": 0,
+                            "weight_decay": 0, "epochs": 1, "max_steps": 0, "save_every": 0, "keep_last": 0},
+                  above={"grad_clip": 0})
+    if args.warmup_ratio > 1:
+        p.error(f"--warmup-ratio must be at most 1, got {args.warmup_ratio}")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out, --overwrite replaces it: pass one")
     args.dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() or args.plan else "float32")
     return args
 
 
 # ---- data ----
 
+def has_trace(reasoning, text) -> bool:
+    """A row trains only with a reasoning trace or a pre-rendered chat: `prepare` and `filter` write
+    reasoning None (distill fills it in), which would otherwise train "<think> None </think>"."""
+    return bool(reasoning is not None and str(reasoning).strip()) or bool(text)
+
+
+def rows_with_traces(rows) -> list[int]:
+    """Positions of the rows that has_trace (reads two columns, not the images)."""
+    names = rows.column_names
+    reasoning = rows["reasoning"] if "reasoning" in names else [None] * len(rows)
+    text = rows["text"] if "text" in names else [None] * len(rows)
+    return [i for i, (r, t) in enumerate(zip(reasoning, text)) if has_trace(r, t)]
+
+
 def encode(processor, row: dict) -> tuple[dict, list[int]]:
     """(prompt encoding, target token ids) for a row with `reasoning`, or with a pre-rendered `text`."""
     tok = processor.tokenizer
-    if row.get("reasoning") is None and row.get("text"):
+    if not str(row.get("reasoning") or "").strip() and row.get("text"):  # no trace: the pre-rendered chat
         head, sep, target = row["text"].rpartition(ASSISTANT_HEADER)
         if not sep:
             raise ValueError(f"row {row.get('dataset_index')}: `text` has no assistant turn")
@@ -129,22 +153,34 @@ def main(argv: list[str] | None = None) -> None:
             image_tokens=min(args.image_tokens, args.max_length), compute_bytes=getattr(torch, args.dtype).itemsize,
             checkpointing=not args.no_gradient_checkpointing, gpu_gib=P.gpu_gib(args.gpu_memory_gb),
             ranks_per_node=P.ranks_per_node(world)), args.model, show=args.plan)
+    # ---- checks before anything loads: the model name, --out, the data's columns and rows ----
+    out = Path(args.out)
+    path = M.resolve_model(args.model, flag="--model")
+    M.check_out_dir(out, args.resume, args.overwrite)
+    rows = M.load_rows(args.data, args.split)
+    if "text" in rows.column_names:  # the released *-tokenized sets: the whole chat pre-rendered
+        M.check_rows(rows, args.data, ("text",))
+    else:
+        M.check_rows(rows, args.data, M.ROW_COLUMNS + ("reasoning",))
+    traced = rows_with_traces(rows)
+    if len(traced) < args.global_batch:
+        raise SystemExit(f"{args.data}: {len(traced)} of {len(rows)} rows have a reasoning trace, fewer than "
+                         f"--global-batch {args.global_batch} (rows from prepare or filter get theirs from curate.py distill)")
     rank, world, device = M.init_distributed()
     torch.manual_seed(args.seed)
-    out = Path(args.out)
     policy = optimizer = None
     try:
+        if len(traced) < len(rows):
+            M.print0(f"skipping {len(rows) - len(traced)} of {len(rows)} rows with no reasoning trace")
         if args.global_batch % (world * args.micro_batch):
             raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of world size x --micro-batch")
         accum = args.global_batch // (world * args.micro_batch)
-        path = M.resolve_model(args.model)
         processor = M.load_processor(path)
-        rows = M.load_rows(args.data, args.split)
 
         # lengths checked before training starts (each rank encodes a share; encodings are not kept:
         # with images they are large, and each step encodes its own rows again)
         mine = {}
-        for i in tqdm(range(rank, len(rows), world), disable=rank != 0, desc="checking lengths"):
+        for i in tqdm(traced[rank::world], disable=rank != 0, desc="checking lengths"):
             prompt, target = encode(processor, rows[i])
             mine[i] = len(prompt["input_ids"]) + len(target)
         lengths = [None] * world
@@ -156,12 +192,14 @@ def main(argv: list[str] | None = None) -> None:
                 f"row {i} ({lengths[i]} tokens)" for i in too_long[:10]) + ". Raise the limit or pass --skip-long.")
         if too_long:
             M.print0(f"skipping {len(too_long)} rows over {args.max_length} tokens")
-        usable = [i for i in range(len(rows)) if lengths[i] <= args.max_length]
+        usable = [i for i in traced if lengths[i] <= args.max_length]
         steps_per_epoch = len(usable) // args.global_batch
         total = steps_per_epoch * args.epochs
         if steps_per_epoch == 0:
             raise SystemExit(f"{len(usable)} usable rows, fewer than --global-batch {args.global_batch}")
         if rank == 0:
+            if args.overwrite:
+                M.clear_outputs(out)
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps({**vars(args), "world_size": world}, indent=2))
             print(json.dumps(vars(args)), flush=True)

@@ -1,7 +1,7 @@
 """One GRPO step, ours (grpo.py) beside TRL's GRPOTrainer: same model, data, batch, lengths, optimizer.
 
-    python benchmarks/grpo_vs_trl.py                          # the best configuration of each, 6 steps
-    python benchmarks/grpo_vs_trl.py --only ours,ours-jemalloc,trl-hf-mb8-jemalloc --steps 5
+    python benchmarks/grpo_vs_trl.py                          # the best candidates of each side, 6 steps
+    python benchmarks/grpo_vs_trl.py --only ours,ours-jemalloc,trl-hf-mb8-2t-jemalloc --steps 5
     python benchmarks/grpo_vs_trl.py --list                   # every configuration it knows
 
 Both sides, each in its own fresh process on this machine: the tiny model (`model.resolve_model("tiny")`,
@@ -13,14 +13,20 @@ grpo.py's defaults (lr 1e-6, betas (0.9, 0.999), weight decay 0.01, clip 1.0), K
 0.01 to the frozen initial model, clip 0.2, token mean within each micro-batch (ours
 token-microbatch, TRL's loss_type "bnpo"), fp32 weights and compute (bf16 compute on fp32 master
 weights in the *-bf16 configurations: grpo.py --dtype bfloat16, TRL bf16=True; vLLM stays fp32),
-gradient checkpointing on unless a configuration says otherwise.
+gradient checkpointing on unless a configuration says otherwise. Ours runs grpo.py's own defaults
+for its update batches (32 sequences per micro-batch, packed, forwards of at most 16,384 tokens)
+unless a configuration names a micro-batch or --no-packing; TRL runs 8 per micro-batch (64 was
+slower). Each side's candidates for its best (a plain run): 2 threads (the machine's cores), and
+jemalloc (LD_PRELOAD; it halved TRL's wall time at 1 thread) with its page return off
+(MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1: freed pages stay mapped for reuse instead of
+being faulted in again), TRL with gradient checkpointing on and off.
 
 Seconds per step: the time between consecutive step lines of the child's stdout, the first
 --skip steps left out (start-up, first-call warm-ups); CPU seconds per step likewise from the
 user + system time of the child's process tree, which barely moves when other work shares the
-cores (so the best configuration is picked by it). Peak RSS: the largest sum of VmRSS over the
-child and all its descendants, polled every 0.1 s (vLLM runs in-process here, but the sum
-covers workers where there are any).
+cores but grows with threads, so the best of each side is picked by wall seconds (run it alone
+on the machine). Peak RSS: the largest sum of VmRSS over the child and all its descendants,
+polled every 0.1 s (vLLM runs in-process here, but the sum covers workers where there are any).
 
 TRL is a benchmark-only dependency, installed in a copy of the project's environment so .venv
 stays as `make env` builds it (torch, transformers and vLLM are not touched: --no-deps):
@@ -51,23 +57,30 @@ ROOT = Path(__file__).resolve().parent.parent
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 EOS = (151643, 151645)  # <|endoftext|>, <|im_end|>: never sampled, so completions are max length
 
-# name -> (side, options). "best" marks the configurations a plain run compares.
+# name -> (side, options). micro_batch None: grpo.py's default (32, packed); jemalloc "nodecay": with
+# page return off (MALLOC_CONF below). "best" marks the candidates a plain run compares.
 CONFIGS = {
-    "ours":                  ("ours", dict(micro_batch=8, threads=1, jemalloc=False, gc=True, best=True)),
-    "ours-jemalloc":         ("ours", dict(micro_batch=8, threads=1, jemalloc=True, gc=True)),
-    "ours-mb64":             ("ours", dict(micro_batch=64, threads=1, jemalloc=False, gc=True)),
-    "ours-mb4":              ("ours", dict(micro_batch=4, threads=1, jemalloc=False, gc=True)),
-    "ours-mb2":              ("ours", dict(micro_batch=2, threads=1, jemalloc=False, gc=True)),
-    "ours-bf16":             ("ours", dict(micro_batch=8, threads=1, jemalloc=False, gc=True, bf16=True)),
-    "ours-nogc":             ("ours", dict(micro_batch=8, threads=1, jemalloc=False, gc=False)),
-    "trl-hf-mb8":            ("trl", dict(micro_batch=8, threads=1, jemalloc=False, gc=True, rollout="hf")),
-    "trl-hf-mb8-jemalloc":   ("trl", dict(micro_batch=8, threads=1, jemalloc=True, gc=True, rollout="hf", best=True)),
-    "trl-hf-mb64-jemalloc":  ("trl", dict(micro_batch=64, threads=1, jemalloc=True, gc=True, rollout="hf")),
-    "trl-hf-nogc-jemalloc":  ("trl", dict(micro_batch=8, threads=1, jemalloc=True, gc=False, rollout="hf")),
-    "trl-hf-bf16-jemalloc":  ("trl", dict(micro_batch=8, threads=1, jemalloc=True, gc=True, rollout="hf", bf16=True)),
-    "trl-hf-2threads-jemalloc": ("trl", dict(micro_batch=8, threads=2, jemalloc=True, gc=True, rollout="hf")),
-    "trl-vllm-mb8-jemalloc": ("trl", dict(micro_batch=8, threads=1, jemalloc=True, gc=True, rollout="vllm")),
+    "ours":                   ("ours", dict(micro_batch=None, threads=2, jemalloc=False, gc=True, best=True)),
+    "ours-jemalloc":          ("ours", dict(micro_batch=None, threads=2, jemalloc="nodecay", gc=True, best=True)),
+    "ours-1t":                ("ours", dict(micro_batch=None, threads=1, jemalloc=False, gc=True)),
+    "ours-nogc":              ("ours", dict(micro_batch=None, threads=2, jemalloc=False, gc=False)),
+    "ours-nopack":            ("ours", dict(micro_batch=None, threads=2, jemalloc=False, gc=True, packing=False)),
+    "ours-mb8":               ("ours", dict(micro_batch=8, threads=2, jemalloc=False, gc=True)),
+    "ours-mb8-1t":            ("ours", dict(micro_batch=8, threads=1, jemalloc=False, gc=True)),  # the old default
+    "ours-bf16":              ("ours", dict(micro_batch=None, threads=2, jemalloc=False, gc=True, bf16=True)),
+    "trl-hf-mb8-2t-jemalloc":      ("trl", dict(micro_batch=8, threads=2, jemalloc="nodecay", gc=True, rollout="hf",
+                                                best=True)),
+    "trl-hf-mb8-2t-jemalloc-nogc": ("trl", dict(micro_batch=8, threads=2, jemalloc="nodecay", gc=False, rollout="hf",
+                                                best=True)),
+    "trl-hf-mb8-2t-jemalloc-decay": ("trl", dict(micro_batch=8, threads=2, jemalloc=True, gc=True, rollout="hf")),
+    "trl-hf-mb8-jemalloc":    ("trl", dict(micro_batch=8, threads=1, jemalloc=True, gc=True, rollout="hf")),
+    "trl-hf-mb8":             ("trl", dict(micro_batch=8, threads=1, jemalloc=False, gc=True, rollout="hf")),
+    "trl-hf-mb64-jemalloc":   ("trl", dict(micro_batch=64, threads=1, jemalloc=True, gc=True, rollout="hf")),
+    "trl-hf-nogc-jemalloc":   ("trl", dict(micro_batch=8, threads=1, jemalloc=True, gc=False, rollout="hf")),
+    "trl-hf-bf16-jemalloc":   ("trl", dict(micro_batch=8, threads=1, jemalloc=True, gc=True, rollout="hf", bf16=True)),
+    "trl-vllm-mb8-jemalloc":  ("trl", dict(micro_batch=8, threads=1, jemalloc=True, gc=True, rollout="vllm")),
 }
+NO_DECAY = "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # jemalloc keeps freed pages instead of returning them
 
 
 def allowed_token_ids() -> list[int]:
@@ -90,8 +103,10 @@ def run_ours(args) -> None:
 
     grpo.main(["--model", "tiny", "--data", args.data, "--rollout", "vllm", "--vllm-dtype", "float32",
                "--prompts-per-step", str(args.prompts), "--group-size", str(args.n), "--mini-batch", str(args.prompts),
-               "--micro-batch", str(args.micro_batch), "--max-response-tokens", str(args.tokens),
+               "--max-response-tokens", str(args.tokens),
                "--max-steps", str(args.steps), "--save-every", "1000000", "--dump-every", "0", "--out", args.out]
+              + (["--micro-batch", str(args.micro_batch)] if args.micro_batch else [])  # 0: grpo.py's default
+              + ([] if args.packing else ["--no-packing"])
               + ([] if args.gc else ["--no-gradient-checkpointing"]) + (["--dtype", "bfloat16"] if args.bf16 else []))
 
 
@@ -189,15 +204,19 @@ def tree_cpu_seconds(pid: int) -> float:
 
 def measure(name: str, args) -> dict:
     side, opts = CONFIGS[name]
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "OMP_NUM_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "OMP_NUM_THREADS", "MALLOC_CONF")}
     env.update(OMP_NUM_THREADS=str(opts["threads"]), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     if opts["jemalloc"]:
         env["LD_PRELOAD"] = JEMALLOC
+    if opts["jemalloc"] == "nodecay":
+        env["MALLOC_CONF"] = NO_DECAY
     python = ROOT / (".venv" if side == "ours" else ".venv-bench") / "bin" / "python"
     out = tempfile.mkdtemp(prefix=f"grpo-vs-trl-{name}-")
-    cmd = [str(python), str(Path(__file__).resolve()), "--worker", side, "--data", args.data, "--out", out,
-           "--micro-batch", str(opts["micro_batch"]), "--rollout", opts.get("rollout", "vllm"),
-           "--gc", str(int(opts["gc"])), "--bf16", str(int(opts.get("bf16", False))), "--steps", str(args.steps),
+    # the run in a fresh subdirectory: grpo.py refuses a non-empty --out, and child.log is written beside it
+    cmd = [str(python), str(Path(__file__).resolve()), "--worker", side, "--data", args.data, "--out", f"{out}/run",
+           "--micro-batch", str(opts["micro_batch"] or 0), "--rollout", opts.get("rollout", "vllm"),
+           "--packing", str(int(opts.get("packing", True))), "--gc", str(int(opts["gc"])),
+           "--bf16", str(int(opts.get("bf16", False))), "--steps", str(args.steps),
            "--prompts", str(args.prompts), "--n", str(args.n), "--tokens", str(args.tokens)]
     start = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
@@ -223,11 +242,12 @@ def measure(name: str, args) -> dict:
                 lengths.append(json.loads(line[8:]).get("completions/mean_length", float("nan")))
     child.wait()
     done.set()
-    shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)  # grpo.py's final save: ~0.6 GB, not needed
+    shutil.rmtree(Path(out) / "run" / "checkpoints", ignore_errors=True)  # grpo.py's final save: ~0.6 GB, not needed
     total = time.perf_counter() - start
     steps = [b - a for a, b in zip(stamps, stamps[1:])][max(args.skip - 1, 0):]  # step k = stamp k - stamp k-1
     cpu_steps = [b - a for a, b in zip(cpu, cpu[1:])][max(args.skip - 1, 0):]
     result = {"name": name, "side": side, **{k: v for k, v in opts.items() if k != "best"}, "rc": child.returncode,
+              "packing": opts.get("packing", True) if side == "ours" else None,
               "steps_timed": len(steps), "s_per_step": sum(steps) / len(steps) if steps else float("nan"),
               "s_min": min(steps) if steps else float("nan"), "s_max": max(steps) if steps else float("nan"),
               "cpu_s_per_step": sum(cpu_steps) / len(cpu_steps) if cpu_steps else float("nan"),
@@ -243,7 +263,8 @@ def measure(name: str, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="", help="comma-separated configuration names (default: the best of each side)")
+    p.add_argument("--only", default="",
+                   help="comma-separated configuration names (default: each side's best candidates)")
     p.add_argument("--list", action="store_true", help="print the configurations and stop")
     p.add_argument("--data", default=None, help="toy train split (default: written by curate.py toy into a temp dir)")
     p.add_argument("--steps", type=int, default=6, help="GRPO steps per configuration")
@@ -258,6 +279,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=8, help=argparse.SUPPRESS)
     p.add_argument("--rollout", default="vllm", help=argparse.SUPPRESS)
     p.add_argument("--gc", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--packing", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--bf16", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -281,18 +303,21 @@ def main() -> None:
 
 
 def print_table(results: list[dict], args) -> None:
-    # CPU seconds pick the best: wall seconds move with whatever else shares the cores
+    # wall seconds pick the best: CPU seconds grow with threads (run alone on the machine for a fair pick)
     failed = [r for r in results if r["rc"] or not r["steps_timed"]]
     ok = [r for r in results if r not in failed]
-    best = {side: min((r for r in ok if r["side"] == side), key=lambda r: r["cpu_s_per_step"], default=None)
+    best = {side: min((r for r in ok if r["side"] == side), key=lambda r: r["s_per_step"], default=None)
             for side in ("ours", "trl")}
     print(f"\n{args.prompts} prompts x {args.n} completions x {args.tokens} tokens per step, tiny model (fp32 weights), "
           f"mean over steps {args.skip + 1}..{args.steps}")
-    print("| configuration | micro-batch | threads | jemalloc | grad. ckpt | compute | s/step (min-max) | CPU s/step | "
+    print("| configuration | micro-batch | threads | malloc | grad. ckpt | compute | s/step (min-max) | CPU s/step | "
           "first step s | peak RSS GiB | mean len |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    malloc = {False: "glibc", True: "jemalloc", "nodecay": "jemalloc, no decay"}
     for r in results:
-        cells = [r["name"], r["micro_batch"], r["threads"], "yes" if r["jemalloc"] else "no", "on" if r["gc"] else "off",
+        layout = {None: "", True: ", packed", False: ", padded"}[r.get("packing") if r["side"] == "ours" else None]
+        micro = f"{r['micro_batch'] or 'default'}{layout}"
+        cells = [r["name"], micro, r["threads"], malloc[r["jemalloc"]], "on" if r["gc"] else "off",
                  "bf16" if r.get("bf16") else "fp32"]
         if r in failed:
             cells += [f"failed (rc {r['rc']})", "", "", f"{r['peak_rss_gb']:.2f}", ""]

@@ -116,8 +116,8 @@ def test_packed_logprobs_and_gradients_equal_padded(tiny_model, mixed):
     torch.testing.assert_close(b[packed["completion_mask"]], a[padded["completion_mask"]], atol=1e-5, rtol=0)
     for ga, gb in zip(torch.autograd.grad(a.sum(), params), torch.autograd.grad(b.sum(), params)):
         assert (ga - gb).norm() <= 1e-5 * ga.norm()
-    # the block-diagonal mask is what keeps sequences apart: one row with plain causal positions differs
-    causal = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1])[None]}
+    # model.PACKED_SDPA's per-sequence attention is what keeps them apart: without seq_lens they leak
+    causal = {k: v for k, v in packed.items() if k != "seq_lens"}
     with torch.no_grad():
         leaky = model.token_logprobs(tiny_model, causal)
     assert (leaky[packed["completion_mask"]] - b[packed["completion_mask"]].detach()).abs().max() > 1e-3

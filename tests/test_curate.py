@@ -64,8 +64,10 @@ def test_prepare_pmc_raw_rows_and_rejects(tmp_path, monkeypatch, capsys):
     rejects = [json.loads(line) for line in open(out + ".rejects.jsonl")]
     assert [(r["position"], r["reason"]) for r in rejects] == [
         (3, "choice B has prefix 'X'"), (4, "answer_label not among options"), (5, "answer != options[answer_label]"),
-        (6, "image does not decode (FileNotFoundError)"), (7, "image does not decode (UnidentifiedImageError)"),
+        (6, "image file not found"), (7, "image does not decode (UnidentifiedImageError)"),
         (8, "image too large (decompression bomb)")]
+    assert rejects[3]["image"] == str(tmp_path / "figures" / "missing.jpg")  # the reject names the file
+    assert rejects[5]["image"].endswith("big.png") and "pixels" in rejects[5]["detail"]
     printed = capsys.readouterr().out
     assert "kept 3 rows" in printed and "duplicate questions (same question and answer): 1" in printed
 

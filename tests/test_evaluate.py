@@ -1,6 +1,7 @@
 """evaluate.py: scoring on scripted completions, the tiny model end to end, resuming after a kill,
 rows longer than the context. Two runs' checkpoints (SFT, GRPO) in one table: tests/test_demo.py."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +57,10 @@ def test_tiny_end_to_end_counts_match_results(tiny_path, eval_data, tmp_path):
         assert summary[bench]["lenient"] == 100 * sum(r["lenient"] for r in records if r["dataset_name"] == bench) / summary[bench]["rows"]
     assert all(0 < r["tokens"] <= 8 for r in records)
     assert "| " + tiny_path + " | lenient |" in run.stdout
+    # every record names what produced it: a re-run reuses only records of this checkpoint and settings
+    checkpoint = json.loads((tmp_path / name / "summary.json").read_text())["checkpoint"]
+    assert checkpoint.startswith(str(Path(tiny_path).resolve()) + "@")
+    assert all(r["checkpoint"] == checkpoint and r["generation"]["max_new_tokens"] == 8 for r in records)
 
 
 def test_kill_and_rerun_no_row_twice_none_missing(tiny_path, eval_data, tmp_path):
@@ -68,9 +73,11 @@ def test_kill_and_rerun_no_row_twice_none_missing(tiny_path, eval_data, tmp_path
               lambda: results.exists() and len(results.read_text().splitlines()) >= 4, timeout=300)
     partial = len(results.read_text().splitlines())
     assert 4 <= partial < 14, partial
+    with open(results, "a") as f:  # as if the kill had come in the middle of writing a record
+        f.write('{"key": "vqa_rad_closed/13", "repeat": 0, "compl')
     rerun = evaluate_cli(args + ["--out", str(tmp_path / "killed")])
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "rows already done" in rerun.stdout
+    assert "rows already done" in rerun.stdout and "last line was cut short" in rerun.stdout
     keys = [json.loads(line)["key"] for line in results.read_text().splitlines()]
     assert len(keys) == len(set(keys)) == 14
     ref_summary = json.loads((tmp_path / "ref" / name / "summary.json").read_text())["mean"]

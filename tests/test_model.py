@@ -197,7 +197,10 @@ def test_run_directory_resolves_to_its_last_complete_checkpoint(tmp_path):
     for step, complete in ((9, True), (10, True), (11, False)):  # step 11 was being written when killed
         d = run / "checkpoints" / f"step_{step:06d}"
         d.mkdir()
+        (d / "model.safetensors").write_bytes(b"weights")
         if complete:
-            (d / "trainer_state.json").write_text("{}")
+            model.write_trainer_state(d, {"step": step})
     assert model.resolve_model(str(run)) == str(run / "checkpoints" / "step_000010")
+    (run / "checkpoints" / "step_000010" / "model.safetensors").write_bytes(b"weigh")  # damaged after the save
+    assert model.resolve_model(str(run)) == str(run / "checkpoints" / "step_000009")
     assert model.resolve_model(str(run / "checkpoints" / "step_000009")) == str(run / "checkpoints" / "step_000009")

@@ -20,7 +20,6 @@ def wrap(answer: str, think: str = "the scan shows air") -> str:
 @pytest.mark.parametrize("completion", [
     wrap("B"), wrap(" b "), wrap("Lung"), wrap("lung"), wrap("B. Lung"), wrap("b. lung"),
     "<think>\nmulti\nline\n</think>\n\n<answer> B </answer>",
-    wrap("B") + "<|im_end|>", wrap("B") + "<|endoftext|>",
     "<think>a</think><answer>A</answer><answer>B</answer>",  # .*? spans the first block: format ok, first answer A
 ])
 def test_official_reward_accepts(completion):
@@ -42,9 +41,24 @@ def test_official_reward_accepts(completion):
     "<think>x</think> and then <answer>B</answer>",  # text between the blocks
     "<think>x<answer>B</answer>",       # no </think>
     "B", "", "<think></think><answer>B",  # truncated
+    # Special-token text after the answer. The engines decode with skip_special_tokens=True, so a
+    # real end-of-turn token never reaches the reward; this text can only be the policy spelling it
+    # out in ordinary tokens, and the official reward (verl's decode, nothing stripped) scored it 0.
+    # (These two were accepted while reward.py stripped such text itself.)
+    wrap("B") + "<|im_end|>", wrap("B") + "<|endoftext|>",
 ])
 def test_official_reward_rejects(completion):
     assert reward.reward(completion, ROW) == 0.0
+
+
+def test_spelled_out_special_tokens_fail_the_format_not_the_eval_grader():
+    # SPEC section 4: the reward and its format gate see the decoded text as it is; the paper's eval
+    # grader has no format requirement and still reads the answer block.
+    spelled = wrap("B") + "<|im_end|>"
+    assert reward.reward(spelled, ROW) == 0.0 and reward.reward(spelled, ROW, lenient=True) == 0.0
+    assert not format_ok(spelled) and format_ok(wrap("B"))
+    assert is_correct(spelled, ROW)
+    assert reward.reward("<|im_start|>" + wrap("B"), ROW) == 0.0
 
 
 def test_official_quirk_first_block_wins_even_inside_think():
@@ -132,7 +146,7 @@ TEXT = st.lists(PIECES, max_size=14).map("".join) | st.text(max_size=60)
 @given(TEXT)
 def test_linear_scans_agree_with_the_official_regexes(text):
     official_format = re.fullmatch(r"<think>.*?</think>\s*<answer>.*?</answer>", text, re.DOTALL) is not None
-    assert format_ok(text) == official_format or "<|" in text
+    assert format_ok(text) == official_format  # special-token text included: nothing is stripped
     m = re.search(r"<answer>(.*?)</answer>", text)
     assert reward._first_single_line_answer(text) == (m.group(1) if m else None)
     blocks = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)

@@ -23,7 +23,10 @@ def sft_data(tmp_path_factory) -> str:
     from datasets import Dataset
 
     path = tmp_path_factory.mktemp("sft") / "traces"
-    Dataset.from_list(trace_rows()).save_to_disk(str(path))
+    # two rows without a trace at the end (reasoning None, as prepare and filter leave it): every run
+    # skips them with a count and trains on the same 8 rows as without them
+    untraced = [{**row, "dataset_index": 8 + i} for i, row in enumerate(make_toy_rows(2))]
+    Dataset.from_list(trace_rows() + untraced).save_to_disk(str(path))
     return str(path)
 
 
@@ -80,6 +83,7 @@ def test_one_rank_and_two_ranks_train_the_same(tiny_path, sft_data, tmp_path):
     two = sft_cli(args + ["--out", str(tmp_path / "two")], ranks=2)
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-3000:] + two.stderr[-3000:]
     assert "2 ranks x 2 sequences x 1 accumulation" in two.stdout and "1 ranks x 2 sequences x 2 accumulation" in one.stdout
+    assert "skipping 2 of 10 rows with no reasoning trace" in one.stdout and "8 rows, 2 steps per epoch" in one.stdout
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-6)
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert all(torch.equal(a[k], b[k]) for k in a)
