@@ -40,6 +40,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
+import data as D
 import model as M
 import rollout
 import reward as R
@@ -180,7 +181,7 @@ def prepare(args) -> None:
     elif args.data.endswith(".jsonl"):
         source = jsonl_rows(args.data)
     else:
-        data = M.load_rows(args.data, args.split)
+        data = D.load_rows(args.data, args.split)
         source = ((i, data[i], None) for i in range(len(data)))
     rejects_path = Path(f"{args.out}.rejects.jsonl")
     kept, first_at, seen, duplicates, reasons = [], {}, {}, 0, Counter()
@@ -190,7 +191,7 @@ def prepare(args) -> None:
             if clean is not None:
                 if clean["dataset_index"] is None:
                     clean["dataset_index"] = position
-                key = M.row_key(clean, position)
+                key = D.row_key(clean, position)
                 if key in first_at:
                     clean, reject = None, {"reason": "duplicate dataset_index", "first_position": first_at[key]}
                 first_at.setdefault(key, position)
@@ -232,8 +233,8 @@ def save_dataset(data, out: str) -> None:
 # ---- pass counts: how often the 3B model answers right in 16 samples ----
 
 def passcount(args) -> None:
-    rows = M.load_rows(args.data, args.split)  # rows are decoded one at a time, when their chunk runs
-    M.check_rows(rows, args.data)  # results join on dataset_index
+    rows = D.load_rows(args.data, args.split)  # rows are decoded one at a time, when their chunk runs
+    D.check_rows(rows, args.data)  # results join on dataset_index
     path = M.resolve_model(args.model, flag="--model")
     rank, world, device = M.init_distributed()
     engine = None
@@ -249,7 +250,7 @@ def passcount(args) -> None:
                                       max_new_tokens=args.max_new_tokens, seed=[args.seed + p for p in positions])
             return [{"pass_count": sum(R.is_correct(c.text, row) for c in group)} for row, group in zip(share, outputs)]
 
-        results = M.resumable_map(count, rows, Path(f"{args.out}.results.jsonl"), args.chunk_rows, desc="rows")
+        results = D.resumable_map(count, rows, Path(f"{args.out}.results.jsonl"), args.chunk_rows, desc="rows")
         if rank == 0:
             counts = [r["pass_count"] for r in results]
             save_dataset(rows.remove_columns([c for c in ["pass_count"] if c in rows.column_names])
@@ -267,8 +268,8 @@ def passcount(args) -> None:
 # ---- difficulty filter ----
 
 def filter_rows(args) -> None:
-    rows = M.load_rows(args.data, args.split)
-    M.check_rows(rows, args.data, ("pass_count", "dataset_name"))
+    rows = D.load_rows(args.data, args.split)
+    D.check_rows(rows, args.data, ("pass_count", "dataset_name"))
     kept = rows.filter(lambda n: n is not None and args.min <= n <= args.max, input_columns="pass_count")
     if args.easy_to_hard:  # the paper's ablation: shuffle (seed 42), then most passes first (stable sort)
         kept = kept.shuffle(seed=args.seed).flatten_indices()
@@ -335,8 +336,8 @@ def api_teach(args, rows: list[dict]) -> list[list[str] | None]:
 
 
 def distill(args) -> None:
-    rows = M.load_rows(args.data, args.split)
-    M.check_rows(rows, args.data)  # results join on dataset_index: a duplicate would get another row's trace
+    rows = D.load_rows(args.data, args.split)
+    D.check_rows(rows, args.data)  # results join on dataset_index: a duplicate would get another row's trace
     path = None if args.api_base else M.resolve_model(args.teacher, flag="--teacher")
     rank, world, device = M.init_distributed()
     engine = None
@@ -361,7 +362,7 @@ def distill(args) -> None:
                     {"reasoning": next((think_content(t) for t in samples if R.is_correct(t, row) and think_content(t)),
                                        None), "samples": len(samples)} for row, samples in zip(share, texts)]
 
-        results = M.resumable_map(teach, rows, Path(f"{args.out}.results.jsonl"), args.chunk_rows, desc="rows")
+        results = D.resumable_map(teach, rows, Path(f"{args.out}.results.jsonl"), args.chunk_rows, desc="rows")
         if rank == 0:
             traces = [r["reasoning"] if r else None for r in results]
             kept = rows.remove_columns([c for c in ["reasoning"] if c in rows.column_names]).add_column("reasoning", traces)
@@ -500,9 +501,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "prepare" and args.source == "rows" and not args.data:
         p.error("prepare --source rows needs --data")
     if args.command in ("passcount", "distill"):
-        M.check_flags(p, args, {"samples": 1, "max_new_tokens": 1, "chunk_rows": 1, "max_images": 1})
+        D.check_flags(p, args, {"samples": 1, "max_new_tokens": 1, "chunk_rows": 1, "max_images": 1})
     if args.command == "distill":
-        M.check_flags(p, args, {"concurrency": 1, "retries": 0, "backoff": 0}, above={"timeout": 0})
+        D.check_flags(p, args, {"concurrency": 1, "retries": 0, "backoff": 0}, above={"timeout": 0})
     {"prepare": prepare, "passcount": passcount, "filter": filter_rows, "distill": distill, "toy": toy}[args.command](args)
 
 

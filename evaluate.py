@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 
 
+import checkpoints as C
+import data as D
 import model as M
 import rollout
 import reward as R
@@ -117,7 +119,7 @@ def run(engine, rows, results_path: Path, repeat: int = 0, max_new_tokens: int =
                     outputs.append([rollout.Completion([], "", [], "error")])
         return [score(row, out[0].text, len(out[0].token_ids)) for row, out in zip(share, outputs)]
 
-    return M.resumable_map(complete, rows, results_path, chunk_rows, tag={**(tag or {}), "repeat": repeat}, desc="rows")
+    return D.resumable_map(complete, rows, results_path, chunk_rows, tag={**(tag or {}), "repeat": repeat}, desc="rows")
 
 
 def result_tag(path: str, args) -> dict:
@@ -128,12 +130,12 @@ def result_tag(path: str, args) -> dict:
     generation = {"engine": args.rollout, "temperature": 0.0, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
     if args.rollout == "vllm":  # what else changes vLLM's outputs: which rows fit, the weights' dtype, the kernels
         generation.update(max_model_len=args.max_model_len, dtype=args.vllm_dtype, tensor_parallel=args.tensor_parallel)
-    return {"checkpoint": M.model_id(path), "generation": generation}
+    return {"checkpoint": C.model_id(path), "generation": generation}
 
 
 def load_eval_rows(args) -> list[dict]:
-    data = M.load_rows(args.data, args.split)
-    M.check_rows(data, args.data, M.ROW_COLUMNS + ("dataset_name",))  # results are keyed on dataset_index
+    data = D.load_rows(args.data, args.split)
+    D.check_rows(data, args.data, D.ROW_COLUMNS + ("dataset_name",))  # results are keyed on dataset_index
     if args.benchmarks:
         wanted = set(args.benchmarks)
         data = data.filter(lambda name: name in wanted, input_columns="dataset_name")
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compare-paper", action="store_true", help="print the paper's rows beside ours")
     p.add_argument("--out", default="runs/eval", help="output directory")
     args = p.parse_args(argv)
-    M.check_flags(p, args, {"limit": 0, "repeats": 1, "max_new_tokens": 1, "tensor_parallel": 1, "max_model_len": 1,
+    D.check_flags(p, args, {"limit": 0, "repeats": 1, "max_new_tokens": 1, "tensor_parallel": 1, "max_model_len": 1,
                             "chunk_rows": 1}, above={"gpu_memory_utilization": 0})
     # every --model named and the data checked before any model loads
     paths = {name: M.resolve_model(name, flag="--model") for name in args.model}

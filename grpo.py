@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import checkpoints as C
+import data as D
 import evaluate
 import model as M
 import plan as P
@@ -129,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.plan and not args.data:
         p.error("--data is required")
     args.dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() or args.plan else "float32")
-    M.check_flags(p, args, {"prompts_per_step": 1, "group_size": 1, "mini_batch": 1, "micro_batch": 1, "epochs": 1,
+    D.check_flags(p, args, {"prompts_per_step": 1, "group_size": 1, "mini_batch": 1, "micro_batch": 1, "epochs": 1,
                             "max_prompt_tokens": 1, "max_response_tokens": 1, "lr": 0, "kl_coef": 0, "dual_clip": 1},
                   above={"temperature": 0, "top_p": 0, "grad_clip": 0})  # before vLLM or the model loads
     if args.prompts_per_step % args.mini_batch:
@@ -346,7 +348,7 @@ def step_prompts(order_seed: int, indices: list[int], step: int, per_step: int) 
 
 def save(policy, optimizer, processor, args, step: int) -> None:
     path = Path(args.out) / "checkpoints" / f"step_{step:06d}"
-    M.save_training_checkpoint(policy, optimizer, processor, path, {"step": step, "config": vars(args)},
+    C.save_training_checkpoint(policy, optimizer, processor, path, {"step": step, "config": vars(args)},
                                dtype=getattr(torch, args.dtype), keep_last=args.keep_last)
 
 
@@ -443,12 +445,12 @@ def main(argv: list[str] | None = None) -> None:
     # ---- checks before anything loads: the model name, --out, the data's columns and rows ----
     out = Path(args.out)
     path = M.resolve_model(args.model, flag="--model")
-    M.check_out_dir(out, args.resume, args.overwrite)
-    rows = M.load_rows(args.data, args.split)
-    M.check_rows(rows, args.data)
-    eval_rows = list(M.load_rows(args.eval_data, "test")) if args.eval_data else None
+    D.check_out_dir(out, args.resume, args.overwrite)
+    rows = D.load_rows(args.data, args.split)
+    D.check_rows(rows, args.data)
+    eval_rows = list(D.load_rows(args.eval_data, "test")) if args.eval_data else None
     if eval_rows is not None:
-        M.check_rows(eval_rows, args.eval_data, M.ROW_COLUMNS + ("dataset_name",))
+        D.check_rows(eval_rows, args.eval_data, D.ROW_COLUMNS + ("dataset_name",))
     rank, world, device = M.init_distributed()
     torch.manual_seed(args.seed)
     policy = ref = engine = optimizer = None
@@ -463,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         total_steps = args.max_steps or steps_per_epoch * args.epochs
         if rank == 0:
             if args.overwrite:
-                M.clear_outputs(out)
+                D.clear_outputs(out)
             out.mkdir(parents=True, exist_ok=True)
             import transformers
             versions = {"torch": torch.__version__, "transformers": transformers.__version__}
@@ -481,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
             ref.requires_grad_(False)
         M.print0("reference model: " + ("frozen copy of the initial policy" if ref is not None else "none (--kl-coef 0)"))
         optimizer = M.adamw(policy, args.lr, args.betas, args.weight_decay)
-        start = M.load_training_checkpoint(policy, optimizer, out / "checkpoints") if args.resume else 0
+        start = C.load_training_checkpoint(policy, optimizer, out / "checkpoints") if args.resume else 0
         per_rank = args.prompts_per_step // world
         shapes, peak_tflops = P.shapes(path), P.peak_tflops(device, args.peak_tflops)  # for MFU
         max_len = args.max_prompt_tokens + args.max_response_tokens
@@ -494,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
                                         if args.rollout == "vllm" else {}))
         if start:
             engine.update_weights(policy)  # the engine loaded the initial weights from disk
-        metrics_file = M.open_metrics(out / "metrics.jsonl", start) if rank == 0 else None
+        metrics_file = D.open_metrics(out / "metrics.jsonl", start) if rank == 0 else None
 
         if eval_rows is not None and args.eval_every and start == 0:
             run_eval(engine, eval_rows, args, 0, metrics_file)  # the start point of the curve

@@ -1,5 +1,5 @@
-"""What the stages share: model and processor loading, the prompt, batches, log-probs, distributed
-set-up and FSDP2, checkpoints, data loading. The rollout engines are in rollout.py.
+"""What the stages share about the model: loading, the prompt, batches, log-probs, distributed
+set-up and FSDP2.
 
 - Models: `qwen2.5-vl-3b|7b|32b` are the Qwen2.5-VL-Instruct checkpoints; any local directory or hub
   id works too. `tiny` is a small random-initialised model with the real Qwen2.5-VL architecture
@@ -15,23 +15,17 @@ set-up and FSDP2, checkpoints, data loading. The rollout engines are in rollout.
   `torchrun`; `shard_model` is FSDP2, one unit per vision block and decoder layer, then the root;
   `load_sharded_model` reads the checkpoint on rank 0 alone and broadcasts it into the other ranks'
   shards, which they built on the meta device.
-- Checkpoints are Hugging Face directories (transformers and vLLM load them as they are), written
-  by rank 0 into a temporary directory and renamed into place, so a killed run never leaves a
-  half-written checkpoint under the final name; their trainer_state.json lists every file's size,
-  so one damaged later is seen as incomplete and skipped.
-- Data: `load_rows` reads a dataset; `check_rows` stops a stage before anything heavy loads when a
-  column it needs is missing or two rows share a dataset_index; `resumable_map` streams per-row
-  results to a JSON-lines file that a re-run picks up.
+
+Checkpoints are in checkpoints.py, datasets and result files in data.py, the rollout engines in
+rollout.py.
 """
 
 import io
-import json
 import math
 import os
 import re
-import shutil
 import socket
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from types import MethodType
 from typing import Iterator
@@ -72,6 +66,8 @@ def resolve_model(name: str, seed: int = 0, flag: str | None = None) -> str:
     run = Path(name)
     problem = None
     if (run / "checkpoints").is_dir():  # a run's own config.json is its flags, not a model's
+        from checkpoints import checkpoint_problem, complete_checkpoints  # it imports this module
+
         steps = sorted((run / "checkpoints").glob("step_*"))
         done = complete_checkpoints(run / "checkpoints")
         if done and steps[-1] != done[-1]:
@@ -88,17 +84,6 @@ def resolve_model(name: str, seed: int = 0, flag: str | None = None) -> str:
     if flag:
         raise SystemExit(f"{flag} {problem}")
     raise FileNotFoundError(problem)
-
-
-def model_id(path: str) -> str:
-    """What produced a result, for keying results: a hub id as it is; a local checkpoint as its
-    absolute path and the time its weights were written, so a checkpoint saved again under the
-    same name (a re-run with --overwrite) counts as another model."""
-    local = Path(path)
-    if not local.is_dir():
-        return path
-    written = max((p.stat().st_mtime for p in local.glob("*.safetensors")), default=local.stat().st_mtime)
-    return f"{local.resolve()}@{datetime.fromtimestamp(written).isoformat()}"
 
 
 def load_processor(name: str):
@@ -529,7 +514,7 @@ def enable_gradient_checkpointing(model) -> None:
     model.config.use_cache = False
 
 
-# ---- checkpoints: Hugging Face directories, written atomically ----
+# ---- weights: gathered from the shards one tensor at a time (checkpoints, the weight sync) ----
 
 def full_state_items(model, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) for every parameter and buffer, gathered one at a time from the FSDP2
@@ -538,300 +523,3 @@ def full_state_items(model, dtype: torch.dtype | None = None) -> Iterator[tuple[
         if hasattr(tensor, "full_tensor"):  # a DTensor shard
             tensor = tensor.full_tensor()
         yield name, tensor.detach().to(dtype or tensor.dtype)
-
-
-def save_checkpoint(model, processor, out_dir: str | Path, meta: dict, dtype: torch.dtype = torch.bfloat16,
-                    resume_state: dict | None = None) -> None:
-    """All ranks call this. The checkpoint is assembled in `.NAME.partial` beside `out_dir`: the
-    optional `resume_state` (sharded tensors, e.g. optimizer state) by every rank through
-    torch.distributed.checkpoint into `resume/`, then by rank 0 the Hugging Face files (config,
-    safetensors in `dtype`, processor and tokenizer files) and trainer_state.json with `meta` and the
-    size of every other file, last. Rank 0 then renames it into place: a run killed at any moment
-    leaves a complete checkpoint or none under the final name, and a file damaged later (deleted,
-    truncated by a full disk or a partial copy) shows in checkpoint_problem."""
-    out_dir = Path(out_dir)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    if dist.is_initialized():
-        dist.barrier()
-    if resume_state is not None:
-        import torch.distributed.checkpoint as dcp
-
-        dcp.save(resume_state, checkpoint_id=str(tmp / "resume"))
-    state = {}
-    for name, tensor in full_state_items(model, dtype):  # every rank gathers (collectives), rank 0 keeps
-        if rank == 0:
-            state[name] = tensor.cpu()
-    if rank == 0:
-        model.save_pretrained(tmp, state_dict=state)
-        config = model.config.__class__.from_dict(model.config.to_dict())
-        config.dtype = dtype  # what the weights on disk are: from_pretrained and vLLM read it
-        config.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        write_trainer_state(tmp, meta)  # last: it lists every other file, with its size
-        if out_dir.exists():  # re-saving the same step: move the old copy aside first
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    state.clear()
-    if dist.is_initialized():
-        dist.barrier()
-
-
-
-def save_training_checkpoint(model, optimizer, processor, path: Path, meta: dict, dtype: torch.dtype,
-                             keep_last: int = 0) -> None:
-    """A training checkpoint: the Hugging Face directory plus `resume/`, the fp32 model shards and the
-    optimizer state through torch.distributed.checkpoint (each rank writes its own shards). With
-    keep_last, older `step_*` siblings are deleted once this one is complete."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    save_checkpoint(model, processor, path, meta, dtype=dtype, resume_state={"model": model_sd, "optim": optim_sd})
-    if keep_last and (not dist.is_initialized() or dist.get_rank() == 0):
-        for old in sorted(path.parent.glob("step_*"))[:-keep_last]:
-            shutil.rmtree(old)
-
-
-def write_trainer_state(ckpt: Path, meta: dict) -> None:
-    """trainer_state.json, the last file of a checkpoint: `meta` plus "files", the size in bytes of
-    every other file in it (Hugging Face files and the sharded resume/ state alike)."""
-    files = {str(p.relative_to(ckpt)): p.stat().st_size for p in sorted(ckpt.rglob("*"))
-             if p.is_file() and p.name != "trainer_state.json"}
-    (ckpt / "trainer_state.json").write_text(json.dumps({**meta, "files": files}, indent=2, default=str))
-
-
-def checkpoint_problem(ckpt: Path, resume: bool = False) -> str | None:
-    """Why the checkpoint directory `ckpt` cannot be used, or None when it is complete: its
-    trainer_state.json (written last) reads, and every file it lists is there with the size it had
-    when saved. resume=True also wants the sharded training state (resume/) that --resume loads."""
-    try:
-        files = json.loads((ckpt / "trainer_state.json").read_text())["files"]
-    except FileNotFoundError:
-        return "no trainer_state.json (killed while saving?)"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"trainer_state.json has no readable file list ({type(e).__name__})"
-    if resume and "resume/.metadata" not in files:
-        return "no optimizer state (resume/)"
-    for name, size in files.items():
-        path = ckpt / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size:,} bytes, {size:,} when saved"
-    return None
-
-
-def complete_checkpoints(checkpoints: Path) -> list[Path]:
-    """The complete `step_*` checkpoints under `checkpoints` (checkpoint_problem), oldest first."""
-    return [p for p in sorted(checkpoints.glob("step_*")) if checkpoint_problem(p) is None]
-
-
-def load_training_checkpoint(model, optimizer, checkpoints: Path) -> int:
-    """Load the last complete `step_*` checkpoint under `checkpoints` into the sharded model and the
-    optimizer; return its step (0 when there is none). A newer one that is incomplete or damaged
-    (checkpoint_problem) is skipped with the reason, and the run continues from the one before."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    for ckpt in sorted(checkpoints.glob("step_*"), reverse=True):
-        problem = checkpoint_problem(ckpt, resume=True)
-        if problem is None:
-            break
-        print0(f"resume: skipping {ckpt}: {problem}")
-    else:
-        print0(f"resume: no complete checkpoint in {checkpoints}, starting at step 0")
-        return 0
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(ckpt / "resume"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
-    print0(f"resumed from {ckpt} (step {step})")
-    return step
-
-
-def row_key(row: dict, position: int) -> str:
-    """The id results join on: dataset_name and dataset_index (the row's position if it has none)."""
-    index = row.get("dataset_index")
-    return f"{row.get('dataset_name')}/{position if index is None else index}"
-
-
-def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
-    """The records of a JSON-lines file. A last line cut short by a kill (no newline at its end) is
-    dropped: its row is simply done again. repair=True also cuts it off the file, so that the next
-    record appended starts a line of its own instead of being glued onto it (losing both); a last
-    record that is whole but lacks its newline gets one. Other lines that do not parse are skipped
-    with a count."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    cut = data.rfind(b"\n") + 1  # bytes up to and including the last newline
-    records, bad = [], 0
-    for line in data[:cut].decode("utf-8", "replace").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            bad += line.strip() != ""
-    tail, torn = data[cut:], False
-    if tail.strip():
-        try:
-            records.append(json.loads(tail))
-        except ValueError:  # JSONDecodeError, or UnicodeDecodeError for a character cut in half
-            torn = True
-    if bad:
-        print0(f"{path}: {bad} lines that are not JSON skipped")
-    if torn:
-        print0(f"{path}: its last line was cut short (a kill while writing?): dropped, its row is done again")
-    if repair and tail:
-        with open(path, "r+b") as f:
-            if torn or not tail.strip():
-                f.truncate(cut)
-            else:
-                f.seek(0, os.SEEK_END)
-                f.write(b"\n")
-    return records
-
-
-def resumable_map(fn, rows, path: Path, chunk_rows: int = 256, tag: dict | None = None, desc: str = "rows") -> list[dict]:
-    """One record per row, computed by `fn(rows, positions) -> records` only for rows that `path`
-    (JSON lines) does not hold yet, appended there chunk by chunk as they finish, so a killed run
-    resumes with nothing lost and nothing done twice. Each chunk is split over the ranks (every rank
-    calls this; without a process group it is one rank); rank 0 writes. Records carry "key" (row_key)
-    and the `tag` fields, which select what counts as done: records with another tag (another
-    repeat, checkpoint or setting) stay in the file and are never used. `fn` returns None for a row
-    it could not do (a failed API call): nothing is written for it, a re-run tries again, and its
-    place in the returned list (records in row order, on every rank) is None."""
-    from tqdm import tqdm
-
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    tag = tag or {}
-    keys = [row_key(rows[i], i) for i in range(len(rows))]
-    done = [None]
-    if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        records = read_jsonl(path, repair=True)
-        done[0] = {r["key"]: r for r in records if all(r.get(k) == v for k, v in tag.items())}
-        if len(records) > len(done[0]):
-            print(f"{path}: {len(records) - len(done[0])} records of other runs or settings kept, not used", flush=True)
-    if world > 1:
-        dist.broadcast_object_list(done)
-    done = done[0]
-    todo = [i for i in range(len(rows)) if keys[i] not in done]
-    if done:
-        print0(f"{path}: {len(done)} {desc} already done, {len(todo)} to go")
-    bar = tqdm(total=len(todo), desc=desc, disable=rank != 0 or not todo)
-    for start in range(0, len(todo), chunk_rows):
-        mine = todo[start:start + chunk_rows][rank::world]
-        new = [{"key": keys[i], **tag, **record} for i, record in zip(mine, fn([rows[i] for i in mine], mine))
-               if record is not None]
-        if world > 1:
-            everyone = [None] * world
-            dist.all_gather_object(everyone, new)
-            new = [r for part in everyone for r in part]
-        if rank == 0:
-            with open(path, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in new)
-                f.flush()
-                os.fsync(f.fileno())
-        done.update((r["key"], r) for r in new)
-        bar.update(len(todo[start:start + chunk_rows]))
-    bar.close()
-    return [done.get(k) for k in keys]
-
-
-def open_metrics(path: Path, start_step: int):
-    """metrics.jsonl for appending (rank 0). Lines of steps after `start_step` are dropped first: a
-    resumed run logs them again, and a fresh run (start 0) starts an empty file. A torn last line
-    (a kill mid-write) is dropped with them."""
-    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return open(path, "a")
-
-
-def load_rows(spec: str, split: str = "train"):
-    """A unified-schema dataset: a hub name, a `save_to_disk` directory, or a parquet/jsonl/json/csv
-    file (images as PIL, {"bytes"/"path"} dicts or paths; row_images reads all of them)."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
-    path = Path(spec)
-    if path.is_dir():
-        data = load_from_disk(spec)
-        return data[split] if isinstance(data, DatasetDict) else data
-    formats = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
-    if path.suffix in formats and path.is_file():
-        return load_dataset(formats[path.suffix], data_files=spec, split="train")
-    if path.suffix in formats or not HUB_ID.fullmatch(spec) or (path.parent != Path(".") and path.parent.is_dir()):
-        raise FileNotFoundError(f"{spec}: no such dataset directory or file (and not a hub dataset name)")
-    return load_dataset(spec, split=split)
-
-
-# ---- checks before anything heavy loads: rows, flags, output directories ----
-
-ROW_COLUMNS = ("question", "options", "answer_label")  # what the prompt and the graders read
-
-
-def check_rows(rows, source: str, columns: tuple[str, ...] = ROW_COLUMNS) -> None:
-    """Stop (SystemExit) when `rows` (a datasets.Dataset or a list of dicts) lacks one of `columns`,
-    or when two rows share a row_key (dataset_name and dataset_index): every resumable stage keys its
-    results on it, so one row would get the other's result (a trace, a verdict) and the other none.
-    Reads two columns, never the images."""
-    dataset = hasattr(rows, "column_names")
-    names = rows.column_names if dataset else sorted({k for r in rows for k in r})
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise SystemExit(f"{source}: no column {', '.join(map(repr, missing))} (it has {', '.join(names)})")
-    ids = {c: (rows[c] if c in names else [None] * len(rows)) if dataset else [r.get(c) for r in rows]
-           for c in ("dataset_name", "dataset_index")}
-    first, repeats = {}, []
-    for position, (name, index) in enumerate(zip(ids["dataset_name"], ids["dataset_index"])):
-        key = row_key({"dataset_name": name, "dataset_index": index}, position)
-        if key in first:
-            repeats.append(f"row {position} (dataset_index {index}) repeats row {first[key]}")
-        first.setdefault(key, position)
-    if repeats:
-        raise SystemExit(f"{source}: {len(repeats)} rows share their dataset_name and dataset_index with an earlier row "
-                         f"(results are keyed on them): " + "; ".join(repeats[:10])
-                         + ". Give every row its own dataset_index (curate.py prepare refuses duplicates).")
-
-
-def check_flags(parser, args, at_least: dict[str, float], above: dict[str, float] | None = None) -> None:
-    """parser.error naming the first flag out of range, before anything loads (a --group-size 0
-    otherwise fails a minute later inside vLLM). `at_least`: {dest: lowest allowed}; `above`:
-    {dest: bound the value must exceed}."""
-    for dest, low in at_least.items():
-        if getattr(args, dest) < low:
-            parser.error(f"--{dest.replace('_', '-')} must be at least {low}, got {getattr(args, dest)}")
-    for dest, low in (above or {}).items():
-        if getattr(args, dest) <= low:
-            parser.error(f"--{dest.replace('_', '-')} must be above {low}, got {getattr(args, dest)}")
-
-
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "rollouts", "eval")  # what sft.py and grpo.py write
-
-
-def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """A training run's --out must be empty unless --resume (continue that run) or --overwrite (start
-    afresh: clear_outputs). A new run into an old one's directory would cut its metrics.jsonl and
-    leave its later checkpoints beside the new ones, where --resume and evaluate.py pick them."""
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
-        raise SystemExit(f"--out {out} already holds a run ({', '.join(sorted(p.name for p in out.iterdir()))}): "
-                         "pass --resume to continue it, --overwrite to replace it, or another --out")
-
-
-def clear_outputs(out: Path) -> None:
-    """--overwrite: delete what an earlier run wrote into `out` (RUN_OUTPUTS; nothing else). Rank 0,
-    once every check has passed."""
-    for name in RUN_OUTPUTS:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()

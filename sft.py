@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoints as C
+import data as D
 import model as M
 import plan as P
 
@@ -84,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.plan and not args.data:
         p.error("--data is required")
-    M.check_flags(p, args, {"max_length": 1, "global_batch": 1, "micro_batch": 1, "lr": 0, "warmup_ratio": 0,
+    D.check_flags(p, args, {"max_length": 1, "global_batch": 1, "micro_batch": 1, "lr": 0, "warmup_ratio": 0,
                             "weight_decay": 0, "epochs": 1, "max_steps": 0, "save_every": 0, "keep_last": 0},
                   above={"grad_clip": 0})
     if args.warmup_ratio > 1:
@@ -156,12 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     # ---- checks before anything loads: the model name, --out, the data's columns and rows ----
     out = Path(args.out)
     path = M.resolve_model(args.model, flag="--model")
-    M.check_out_dir(out, args.resume, args.overwrite)
-    rows = M.load_rows(args.data, args.split)
+    D.check_out_dir(out, args.resume, args.overwrite)
+    rows = D.load_rows(args.data, args.split)
     if "text" in rows.column_names:  # the released *-tokenized sets: the whole chat pre-rendered
-        M.check_rows(rows, args.data, ("text",))
+        D.check_rows(rows, args.data, ("text",))
     else:
-        M.check_rows(rows, args.data, M.ROW_COLUMNS + ("reasoning",))
+        D.check_rows(rows, args.data, D.ROW_COLUMNS + ("reasoning",))
     traced = rows_with_traces(rows)
     if len(traced) < args.global_batch:
         raise SystemExit(f"{args.data}: {len(traced)} of {len(rows)} rows have a reasoning trace, fewer than "
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{len(usable)} usable rows, fewer than --global-batch {args.global_batch}")
         if rank == 0:
             if args.overwrite:
-                M.clear_outputs(out)
+                D.clear_outputs(out)
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps({**vars(args), "world_size": world}, indent=2))
             print(json.dumps(vars(args)), flush=True)
@@ -209,8 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         policy = M.load_sharded_model(path, param_dtype=getattr(torch, args.dtype),
                                       gradient_checkpointing=not args.no_gradient_checkpointing).train()
         optimizer = M.adamw(policy, args.lr, args.betas, args.weight_decay)
-        start = M.load_training_checkpoint(policy, optimizer, out / "checkpoints") if args.resume else 0
-        metrics_file = M.open_metrics(out / "metrics.jsonl", start) if rank == 0 else None
+        start = C.load_training_checkpoint(policy, optimizer, out / "checkpoints") if args.resume else 0
+        metrics_file = D.open_metrics(out / "metrics.jsonl", start) if rank == 0 else None
         pad = processor.tokenizer.pad_token_id
         last = min(total, args.max_steps or total)
         shapes, peak_tflops = P.shapes(path), P.peak_tflops(device, args.peak_tflops)  # for MFU
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
             end_of_epoch = (step + 1) % steps_per_epoch == 0
             if (args.save_every and (step + 1) % args.save_every == 0) or (not args.save_every and end_of_epoch) \
                     or step + 1 == last:
-                M.save_training_checkpoint(policy, optimizer, processor, out / "checkpoints" / f"step_{step + 1:06d}",
+                C.save_training_checkpoint(policy, optimizer, processor, out / "checkpoints" / f"step_{step + 1:06d}",
                                            {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "config": vars(args)},
                                            dtype=getattr(torch, args.dtype), keep_last=args.keep_last)
     finally:

@@ -23,8 +23,7 @@ lognormal, median 400 (sigma 0.6: 90% under ~870), with --tail of them (at least
 The run scales completions by --cap / 4096 (cap 1024: median ~100) and keeps the prompts; token ids
 are random in [0, 151643). Last, plan.flops of the same micro-batch's update at the full cap for
 Qwen2.5-VL-3B/7B: padded with every sequence at the longest of its forward (what the compute does),
-packed at the real lengths, and packed as SDPA computes it: model.load_model's SDPA attention
-gets a packed row as one (N, N) block-diagonal mask and computes all of it, N^2 per row.
+packed at the real lengths (model.PACKED_SDPA attends within each sequence, sum of T_i^2).
 """
 import argparse
 import json
@@ -151,8 +150,7 @@ def recipe_flops(prompt_lens: list[int], args) -> list[dict]:
 
         rows.append({"model": name, "forwards": {k: len(v) for k, v in cut.items()},
                      "padded": total("padded", lambda piece: [max(lengths[j] for j in piece)] * len(piece)),
-                     "packed": total("packed", lambda piece: [lengths[j] for j in piece]),
-                     "packed_sdpa": total("packed", lambda piece: [sum(lengths[j] for j in piece)])})
+                     "packed": total("packed", lambda piece: [lengths[j] for j in piece])})
     return rows
 
 
@@ -203,12 +201,10 @@ def main() -> None:
           f"{1 / x['logprobs']:.2f}x | {x['update']:.2f}x ({x['cpu_update']:.2f}x) | {1 / x['update']:.2f}x | "
           f"{x['rss_loaded_mb']:.2f}x | {x['peak_rss_mb']:.2f}x |")
     print(f"\nModel FLOPs of the same micro-batch's update (forward + backward) at the full cap {RECIPE_CAP}:\n"
-          "| shapes | padded TFLOP | packed TFLOP | saved | packed under SDPA (N^2 per row) TFLOP | saved |\n"
-          "|---|---|---|---|---|---|")
+          "| shapes | padded TFLOP | packed TFLOP | saved |\n|---|---|---|---|")
     for f in flops:
         print(f"| {f['model']} | {f['padded']:.1f} ({f['forwards']['padded']} forwards) | {f['packed']:.1f} "
-              f"({f['forwards']['packed']}) | {1 - f['packed'] / f['padded']:.0%} | {f['packed_sdpa']:.1f} | "
-              f"{1 - f['packed_sdpa'] / f['padded']:.0%} |")
+              f"({f['forwards']['packed']}) | {1 - f['packed'] / f['padded']:.0%} |")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,7 @@ def sft_tiny(tiny_path, processor) -> str:
 def build_sft_tiny(path, tiny_path: str, processor) -> None:
     import torch
 
+    import checkpoints
     import model
 
     torch.manual_seed(0)
@@ -144,7 +145,7 @@ def build_sft_tiny(path, tiny_path: str, processor) -> None:
         (-model.token_logprobs(m, batch).sum() / batch["completion_mask"].sum()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    model.save_checkpoint(m, processor, path, {"steps": SFT_STEPS}, dtype=torch.float32)
+    checkpoints.save_checkpoint(m, processor, path, {"steps": SFT_STEPS}, dtype=torch.float32)
     torch.set_num_threads(threads)
 
 

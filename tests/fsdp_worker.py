@@ -16,6 +16,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import checkpoints  # noqa: E402
 import model  # noqa: E402
 from conftest import make_rows  # noqa: E402
 
@@ -66,7 +67,7 @@ def main() -> None:
         model.reshard(policy)
         sharded_after_reshard = isinstance(policy.lm_head.weight, DTensor)
         sharded = {k: v.clone() for k, v in model.full_state_items(policy)}
-        model.save_checkpoint(policy, processor, out / "ckpt", {"step": STEPS}, dtype=torch.float32)
+        checkpoints.save_checkpoint(policy, processor, out / "ckpt", {"step": STEPS}, dtype=torch.float32)
         del policy
         if rank == 0:
             ref = model.load_model(tiny).train()

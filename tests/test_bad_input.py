@@ -13,7 +13,9 @@ import torch
 from datasets import Dataset, load_from_disk
 from PIL import Image
 
+import checkpoints
 import curate
+import data
 import evaluate
 import grpo
 import model
@@ -135,7 +137,7 @@ def test_training_refuses_a_non_empty_out(tiny_path, toy_data, tmp_path):
         with pytest.raises(SystemExit, match="pass --resume to continue it, --overwrite to replace it"):
             main(["--model", tiny_path, "--data", toy_data, "--out", str(out)])
     assert (out / "metrics.jsonl").read_text() == metrics and (out / "checkpoints" / "step_000003").is_dir()
-    model.clear_outputs(out)  # what --overwrite does once every check has passed: the run's files, nothing else
+    data.clear_outputs(out)  # what --overwrite does once every check has passed: the run's files, nothing else
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
@@ -202,26 +204,26 @@ def test_resume_falls_back_to_the_last_complete_checkpoint(tiny_path, processor,
     torch.manual_seed(0)
     m = small_model(tiny_path)
     optimizer = model.adamw(m, 1e-3, (0.9, 0.999), 0.0)
-    checkpoints = tmp_path / "checkpoints"
+    ckpts = tmp_path / "checkpoints"
     for step in (1, 2, 3):
         for p in m.parameters():
             p.grad = torch.full_like(p, 0.1 * step)
         optimizer.step()
-        model.save_training_checkpoint(m, optimizer, processor, checkpoints / f"step_{step:06d}", {"step": step},
-                                       dtype=torch.float32)
+        checkpoints.save_training_checkpoint(m, optimizer, processor, ckpts / f"step_{step:06d}", {"step": step},
+                                             dtype=torch.float32)
     saved = {k: v.clone() for k, v in m.state_dict().items()}  # after step 3
-    shard = checkpoints / "step_000003" / "resume" / "__0_0.distcp"
+    shard = ckpts / "step_000003" / "resume" / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:1000])                   # truncated (a full disk, a partial copy)
-    (checkpoints / "step_000002" / "resume" / ".metadata").unlink()  # missing
+    (ckpts / "step_000002" / "resume" / ".metadata").unlink()  # missing
     fresh = small_model(tiny_path)
     fresh_optimizer = model.adamw(fresh, 1e-3, (0.9, 0.999), 0.0)
-    assert model.load_training_checkpoint(fresh, fresh_optimizer, checkpoints) == 1
+    assert checkpoints.load_training_checkpoint(fresh, fresh_optimizer, ckpts) == 1
     printed = capsys.readouterr().out
     assert "skipping" in printed and "step_000003: resume/__0_0.distcp has 1,000 bytes" in printed
     assert "step_000002: resume/.metadata is missing" in printed
     assert all(float(s["step"]) == 1 for s in fresh_optimizer.state.values())
     assert not all(torch.equal(fresh.state_dict()[k], saved[k]) for k in saved)  # step 1's weights, not step 3's
-    assert model.complete_checkpoints(checkpoints) == [checkpoints / "step_000001"]  # what evaluate.py picks too
+    assert checkpoints.complete_checkpoints(ckpts) == [ckpts / "step_000001"]  # what evaluate.py picks too
 
 
 # ---- a results file whose last line a kill cut short ----
@@ -236,14 +238,14 @@ def test_torn_last_line_is_dropped_and_not_glued_to(tmp_path, capsys):
         asked.extend(positions)
         return [{"v": p} for p in positions]
 
-    records = model.resumable_map(fn, rows, path, chunk_rows=2)
+    records = data.resumable_map(fn, rows, path, chunk_rows=2)
     assert asked == [2, 3, 4] and [r["v"] for r in records] == [0, 1, 2, 3, 4]
     lines = path.read_text().splitlines()
     assert [json.loads(line)["key"] for line in lines] == [f"toy/{i}" for i in range(5)]  # every line parses
     assert "last line was cut short" in capsys.readouterr().out
     # a whole last record that only lacks its newline is kept, and the next one starts a line of its own
     path.write_text(path.read_text()[:-1])
-    assert model.resumable_map(fn, make_toy_rows(6), path)[5] == {"key": "toy/5", "v": 5}
+    assert data.resumable_map(fn, make_toy_rows(6), path)[5] == {"key": "toy/5", "v": 5}
     assert len([json.loads(line) for line in path.read_text().splitlines()]) == 6
 
 
@@ -267,7 +269,7 @@ def test_evaluation_results_never_mix_checkpoints_or_settings(tmp_path):
         d = run_dir / "checkpoints" / f"step_{step:06d}"
         d.mkdir(parents=True)
         (d / "model.safetensors").write_bytes(b"weights %d" % step)
-        model.write_trainer_state(d, {"step": step})
+        checkpoints.write_trainer_state(d, {"step": step})
         tags.append(evaluate.result_tag(model.resolve_model(str(run_dir)), settings))
     old, new = tags
     shorter = evaluate.result_tag(model.resolve_model(str(run_dir)), argparse.Namespace(**{**vars(settings), "max_new_tokens": 32}))

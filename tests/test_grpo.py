@@ -4,6 +4,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
+import data
 import model
 from conftest import kill_when, run_script
 from grpo import balanced_order
@@ -95,7 +96,7 @@ def test_kill_and_resume_is_bit_identical(sft_tiny, toy_data, tmp_path):
 
 
 def test_over_long_prompts_stop_or_skip(tiny_path, processor, toy_data, tmp_path):
-    rows = model.load_rows(toy_data)
+    rows = data.load_rows(toy_data)
     lengths = [len(model.encode_prompt(processor, r)["input_ids"]) for r in rows]
     limit = max(n for n, r in zip(lengths, rows) if not r["images"])  # text rows fit, image rows do not
     assert limit < min(n for n, r in zip(lengths, rows) if r["images"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
+import checkpoints
 import model
 import tiny
 from conftest import ROOT, SCRIPT_ENV
@@ -162,7 +163,7 @@ def test_generate_with_image(tiny_model, processor, rows):
 
 def test_save_load_round_trip(tiny_model, processor, tmp_path):
     out = tmp_path / "ckpt"
-    model.save_checkpoint(tiny_model, processor, out, {"step": 7, "config": {"lr": 1e-6}}, dtype=torch.float32)
+    checkpoints.save_checkpoint(tiny_model, processor, out, {"step": 7, "config": {"lr": 1e-6}}, dtype=torch.float32)
     assert json.loads((out / "trainer_state.json").read_text())["step"] == 7
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
     back = AutoModelForImageTextToText.from_pretrained(out)  # plain transformers, no project code
@@ -171,7 +172,7 @@ def test_save_load_round_trip(tiny_model, processor, tmp_path):
     assert all(torch.equal(back.state_dict()[k], ref[k]) for k in ref)
     assert model.load_processor(str(out)).tokenizer("Hello")["input_ids"] == [9707]
     # saving the same directory again replaces it whole
-    model.save_checkpoint(tiny_model, processor, out, {"step": 8}, dtype=torch.bfloat16)
+    checkpoints.save_checkpoint(tiny_model, processor, out, {"step": 8}, dtype=torch.bfloat16)
     assert json.loads((out / "trainer_state.json").read_text())["step"] == 8
     assert AutoModelForImageTextToText.from_pretrained(out).lm_head.weight.dtype == torch.bfloat16
 
@@ -199,7 +200,7 @@ def test_run_directory_resolves_to_its_last_complete_checkpoint(tmp_path):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"weights")
         if complete:
-            model.write_trainer_state(d, {"step": step})
+            checkpoints.write_trainer_state(d, {"step": step})
     assert model.resolve_model(str(run)) == str(run / "checkpoints" / "step_000010")
     (run / "checkpoints" / "step_000010" / "model.safetensors").write_bytes(b"weigh")  # damaged after the save
     assert model.resolve_model(str(run)) == str(run / "checkpoints" / "step_000009")
