@@ -367,6 +367,28 @@ def run_eval(engine, eval_rows: list[dict], args, step: int, metrics_file) -> No
         metrics_file.flush()
 
 
+def train_forward(policy, b: dict, fw: Forward | None, old: torch.Tensor | None, ref_lp: torch.Tensor | None,
+                  adv: torch.Tensor, global_tokens: int, world: int, args) -> tuple[dict, torch.Tensor | None]:
+    """One forward/backward of the update on batch `b` (on the device): clipped policy loss + k3 KL,
+    aggregated (--loss-agg) and backpropagated. fw None is a padding forward: it joins the
+    collectives and contributes nothing. old None (one update per step) takes the forward's own
+    log-probs, detached, as the old ones. Returns (sums of loss, KL and clipped tokens over its
+    completion tokens, the old log-probs used)."""
+    logp = M.token_logprobs(policy, b, args.temperature)                # (B, T) padded, (1, N) packed
+    if fw is None:
+        (logp.sum() * 0).backward()
+        return {}, None
+    mask = b["completion_mask"]                                          # (B, T)
+    old = logp.detach() if old is None else old
+    pg, clipped = clipped_policy_loss(logp, old, per_token(adv[fw.idx].to(logp.device), b), args.clip_low,
+                                      args.clip_high, args.dual_clip)   # (B, T)
+    kl = kl_k3(logp, ref_lp) if ref_lp is not None else torch.zeros_like(pg)
+    loss_tok = pg + args.kl_coef * kl                                   # (B, T)
+    aggregate(loss_tok, mask, args.loss_agg, fw.micro_batches, global_tokens, world, fw.micro_tokens).backward()
+    return {"loss": (loss_tok.detach() * mask).sum().item(), "kl": (kl.detach() * mask).sum().item(),
+            "clip": (clipped & mask).sum().item()}, old
+
+
 def gather_samples(local: list, world: int) -> list:
     """Every rank's samples, in rank order (= the step's prompt order), on every rank."""
     everyone = [None] * world
@@ -383,6 +405,17 @@ def make_batch(fw: Forward | None, samples: list, encoded: dict, processor, mode
     completions = [samples[i][1].token_ids for i in idx] if fw is not None else [[pad]]
     batch = M.collate([encoded[samples[i][0]] for i in idx], completions, pad)
     return M.pack(model, batch) if packing else batch
+
+
+def log_step(m: dict, step: int, total_steps: int, metrics_file) -> None:
+    """The step's line on stdout and its record in metrics.jsonl (rank 0)."""
+    print(f"step {step}/{total_steps} reward {m['reward']:.3f} acc {m['accuracy']:.3f} "
+          f"format {m['format']:.3f} len {m['response_len']:.0f}/{m['response_len_max']:.0f} "
+          f"kl {m['kl']:.4f} clip {m['clip_frac']:.3f} gnorm {m['grad_norm']:.3f} "
+          f"zero-var {m['zero_var_groups']:.2f} canary {m['canary_mean']:.2e}/{m['canary_max']:.2e} | "
+          + P.perf_line(m), flush=True)
+    metrics_file.write(json.dumps({"step": step, **m}) + "\n")
+    metrics_file.flush()
 
 
 def dump_rollouts(path: Path, rows, samples: list, lengths: list[int], order: list[int], world: int) -> None:
@@ -428,20 +461,27 @@ def step_metrics(samples: list, zero_var: torch.Tensor, stats: dict, gaps: list,
             "peak_mem_gb": peak[1].item() if device.type == "cuda" else None, "peak_rss_mb": peak[2].item(), **seconds}
 
 
+def check_memory(args) -> None:
+    """plan.py's memory plan for these flags: printed and exit 0/2 with --plan, else exit 2 (with the
+    plan) only when it does not fit."""
+    world = args.world_size if args.plan else int(os.environ.get("WORLD_SIZE", 1))
+    longest = args.max_prompt_tokens + args.max_response_tokens
+    P.check(P.shapes(args.model), P.Run(
+        "grpo", world, micro_batch=min(args.micro_batch, max(1, args.mini_batch // world) * args.group_size),
+        packed=not args.no_packing, tokens_per_forward=args.max_tokens_per_forward, seq_len=longest,
+        logit_tokens=args.max_response_tokens, image_tokens=args.max_prompt_tokens,
+        compute_bytes=getattr(torch, args.dtype).itemsize, checkpointing=not args.no_gradient_checkpointing,
+        ref=None if args.kl_coef == 0 else "host" if args.ref_offload else "gpu", vllm=args.rollout == "vllm",
+        tensor_parallel=args.tensor_parallel, gpu_memory_utilization=args.gpu_memory_utilization,
+        vllm_bytes=4 if args.vllm_dtype == "float32" else 2, max_model_len=longest,
+        gpu_gib=P.gpu_gib(args.gpu_memory_gb), ranks_per_node=P.ranks_per_node(world)), args.model, show=args.plan)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # ---- memory plan: before anything is loaded, a configuration that cannot fit stops (exit 2) ----
     if args.plan or args.gpu_memory_gb or torch.cuda.is_available():
-        world = args.world_size if args.plan else int(os.environ.get("WORLD_SIZE", 1))
-        longest = args.max_prompt_tokens + args.max_response_tokens
-        P.check(P.shapes(args.model), P.Run(
-            "grpo", world, micro_batch=min(args.micro_batch, max(1, args.mini_batch // world) * args.group_size),
-            packed=not args.no_packing, tokens_per_forward=args.max_tokens_per_forward, seq_len=longest, logit_tokens=args.max_response_tokens, image_tokens=args.max_prompt_tokens,
-            compute_bytes=getattr(torch, args.dtype).itemsize, checkpointing=not args.no_gradient_checkpointing,
-            ref=None if args.kl_coef == 0 else "host" if args.ref_offload else "gpu", vllm=args.rollout == "vllm",
-            tensor_parallel=args.tensor_parallel, gpu_memory_utilization=args.gpu_memory_utilization,
-            vllm_bytes=4 if args.vllm_dtype == "float32" else 2, max_model_len=longest,
-            gpu_gib=P.gpu_gib(args.gpu_memory_gb), ranks_per_node=P.ranks_per_node(world)), args.model, show=args.plan)
+        check_memory(args)
     # ---- checks before anything loads: the model name, --out, the data's columns and rows ----
     out = Path(args.out)
     path = M.resolve_model(args.model, flag="--model")
@@ -563,23 +603,13 @@ def main(argv: list[str] | None = None) -> None:
                 for k, fw in enumerate(fws):
                     b, old, ref_lp = batch_of.pop((u, k))
                     b = M.to_device(b, device)
-                    logp = M.token_logprobs(policy, b, args.temperature)        # (B, T) padded, (1, N) packed
-                    if fw is None:  # padding: join the collectives, contribute nothing
-                        (logp.sum() * 0).backward()
+                    sums, old = train_forward(policy, b, fw, old, ref_lp, adv, update_tokens[u], world, args)
+                    if fw is None:
                         continue
-                    mask = b["completion_mask"]                                  # (B, T)
-                    if old is None:  # on-policy: see above
-                        old = logp.detach()
-                        gaps.append(canary(samples, fw.idx, old, mask))
-                    pg, clipped = clipped_policy_loss(logp, old, per_token(adv[fw.idx].to(device), b), args.clip_low,
-                                                      args.clip_high, args.dual_clip)   # (B, T)
-                    kl = kl_k3(logp, ref_lp) if ref is not None else torch.zeros_like(pg)
-                    loss_tok = pg + args.kl_coef * kl                                   # (B, T)
-                    aggregate(loss_tok, mask, args.loss_agg, fw.micro_batches, update_tokens[u], world,
-                              fw.micro_tokens).backward()
-                    stats["loss"] += (loss_tok.detach() * mask).sum().item()
-                    stats["kl"] += (kl.detach() * mask).sum().item()
-                    stats["clip"] += (clipped & mask).sum().item()
+                    if on_policy:  # the old log-probs were this forward's own: the canary checks them now
+                        gaps.append(canary(samples, fw.idx, old, b["completion_mask"]))
+                    for key, v in sums.items():
+                        stats[key] += v
                     stats["flops"] += P.batch_flops(shapes, b)              # forward + backward, model FLOPs
                     stats["tokens"] += sum(lengths[i] for i in fw.idx)     # real tokens, padding not counted
                 norms.append(M.clip_and_step(policy, optimizer, args.grad_clip, step + 1))
@@ -595,13 +625,7 @@ def main(argv: list[str] | None = None) -> None:
             m = step_metrics(samples, zero_var, stats, gaps, norms, t, sum(update_tokens), world, device, peak_tflops)
             m["lr"] = optimizer.param_groups[0]["lr"]
             if rank == 0:
-                print(f"step {step + 1}/{total_steps} reward {m['reward']:.3f} acc {m['accuracy']:.3f} "
-                      f"format {m['format']:.3f} len {m['response_len']:.0f}/{m['response_len_max']:.0f} "
-                      f"kl {m['kl']:.4f} clip {m['clip_frac']:.3f} gnorm {m['grad_norm']:.3f} "
-                      f"zero-var {m['zero_var_groups']:.2f} canary {m['canary_mean']:.2e}/{m['canary_max']:.2e} | "
-                      + P.perf_line(m), flush=True)
-                metrics_file.write(json.dumps({"step": step + 1, **m}) + "\n")
-                metrics_file.flush()
+                log_step(m, step + 1, total_steps, metrics_file)
                 if args.dump_every and (step + 1) % args.dump_every == 0:
                     dump_rollouts(out / "rollouts" / f"step_{step + 1:06d}.jsonl", rows, samples, lengths, order, world)
             if m["canary_mean"] > args.canary_max_gap and args.temperature == 1.0:

@@ -9,8 +9,8 @@ one micro-batch of --seqs sequences cut by grpo.cut_updates into forwards of at 
 --max-tokens-per-forward tokens (padded: count x longest, packed: the sum), each built by
 grpo.make_batch (model.collate, then model.pack unless padded). Two phases, timed:
   log-probs  build the batches, no_grad model.token_logprobs of the policy (old) and the reference
-  update     token_logprobs with grad, grpo.clipped_policy_loss + 0.01 grpo.kl_k3, grpo.aggregate
-             (token-microbatch), backward, per forward (no optimizer step)
+  update     grpo.train_forward per forward at grpo.py's defaults (clipped loss + 0.01 k3 KL,
+             token-microbatch, backward), no optimizer step
 Each layout runs in its own fresh process (--variant), so its peak RSS (ru_maxrss) is its own.
 Seconds: the median of --repeats after one warm-up, CPU seconds (user + system) beside them (with
 threads on every core, other work inflates both: the load average is printed). Real tokens/s:
@@ -87,6 +87,7 @@ def run_variant(args) -> dict:
                               args.max_tokens_per_forward, padded=not packing)
     forwards = cut[0][0]  # rank 0, update 0: the micro-batch's forwards
     adv = torch.randn(args.seqs, generator=gen)  # (B,)
+    recipe = grpo.parse_args(["--data", "-"])  # grpo.py's loss flags at their defaults (KL 0.01, token-microbatch)
 
     policy = M.load_sharded_model(path, param_dtype=torch.float32, gradient_checkpointing=True)
     ref = M.load_sharded_model(path, param_dtype=torch.float32).requires_grad_(False)
@@ -103,14 +104,10 @@ def run_variant(args) -> dict:
         middle = clock()
         policy.train()  # ---- update: forward + backward per forward, the micro-batch's normalisation ----
         for fw, b, old, ref_lp in batches:
-            logp = M.token_logprobs(policy, b)                                          # (B, T) or (1, N)
-            pg, _ = grpo.clipped_policy_loss(logp, old, grpo.per_token(adv[fw.idx], b))
-            loss_tok = pg + 0.01 * grpo.kl_k3(logp, ref_lp)
-            grpo.aggregate(loss_tok, b["completion_mask"], "token-microbatch", fw.micro_batches,
-                           micro_tokens=fw.micro_tokens).backward()
+            grpo.train_forward(policy, b, fw, old, ref_lp, adv, 0, 1, recipe)  # token-microbatch: no global count
         end = clock()
         processed = sum(b["input_ids"].numel() for _, b, _, _ in batches)
-        del batches, logp, pg, loss_tok
+        del batches
         policy.zero_grad(set_to_none=True)  # what clip_and_step leaves
         print(f"{args.variant} repeat {repeat}: log-probs {middle[0] - start[0]:.2f} s, "
               f"update {end[0] - middle[0]:.2f} s", flush=True)
