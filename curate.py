@@ -246,8 +246,8 @@ def passcount(args) -> None:
 
         def count(share: list[dict], positions: list[int]) -> list[dict]:
             # each row's seed depends on its position only: the same counts on 1 or 8 ranks
-            outputs = engine.generate(share, n=args.samples, temperature=1.0, top_p=1.0,
-                                      max_new_tokens=args.max_new_tokens, seed=[args.seed + p for p in positions])
+            outputs = engine.generate(share, n=args.samples, temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens,
+                                      seed=rollout.request_seeds(args.seed, positions, args.samples))
             return [{"pass_count": sum(R.is_correct(c.text, row) for c in group)} for row, group in zip(share, outputs)]
 
         results = D.resumable_map(count, rows, Path(f"{args.out}.results.jsonl"), args.chunk_rows, desc="rows")
@@ -259,6 +259,9 @@ def passcount(args) -> None:
             print(f"pass counts of {len(rows)} rows ({args.samples} samples each) -> {args.out}")
             for k in range(args.samples + 1):
                 print(f"  {k:3d} {histogram.get(k, 0):7d} " + "#" * round(50 * histogram.get(k, 0) / len(rows)))
+    except BaseException as e:
+        M.exit_on_error(e)  # several ranks: print it and end the job now, not at the barrier below
+        raise
     finally:
         if engine is not None:
             engine.close()
@@ -353,7 +356,7 @@ def distill(args) -> None:
             if engine is not None:
                 texts = [[c.text for c in group] for group in engine.generate(
                     share, n=args.samples, temperature=1.0, max_new_tokens=args.max_new_tokens,
-                    seed=[args.seed + p for p in positions])]
+                    seed=rollout.request_seeds(args.seed, positions, args.samples))]
             else:
                 texts = api_teach(args, share)
             # the first sample the eval grader accepts gives the trace; rows without one get None;
@@ -374,6 +377,9 @@ def distill(args) -> None:
             if failed:
                 raise SystemExit(f"{failed} rows got no answer from the teacher (errors above) and are not recorded as "
                                  f"done: run the same command again to retry them")
+    except BaseException as e:
+        M.exit_on_error(e)  # several ranks: print it and end the job now, not at the barrier below
+        raise
     finally:
         if engine is not None:
             engine.close()

@@ -14,15 +14,18 @@ format required), plus the format failure rate and the mean response length.
     torchrun --nproc_per_node 8 evaluate.py --model qwen2.5-vl-7b --repeats 3
     python evaluate.py --model tiny --data EVAL_DIR --limit 20 --rollout hf       # CPU smoke test
 
-Several --model values give one table. grpo.py calls `run` and `summarize` for in-training eval.
+Several --model values are evaluated in turn, each in a process of its own (plain python; under
+torchrun, a loop of commands), and `OUT/table.md` gathers every model evaluated into OUT on the same
+rows with the same settings. grpo.py calls `run` and `summarize` for in-training eval.
 """
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
-
 
 import checkpoints as C
 import data as D
@@ -103,21 +106,21 @@ def run(engine, rows, results_path: Path, repeat: int = 0, max_new_tokens: int =
     """Greedy completions and verdicts for every row, resumable: rows already in `results_path` for
     this repeat and `tag` (what produced them: result_tag) are not run again, new ones are appended
     chunk by chunk with the tag; records of another tag stay in the file, unused. Every rank calls this."""
-    def generate(share: list[dict]) -> list:
-        return engine.generate(share, n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=[seed] * len(share))
-
     def complete(share: list[dict], positions: list[int]) -> list[dict]:
-        try:
-            outputs = generate(share)
-        except Exception:  # e.g. a prompt longer than the engine's context: find it, score it as failed
-            outputs = []
-            for row in share:
-                try:
-                    outputs.append(generate([row])[0])
-                except Exception as e:  # vLLM raises its own validation errors
-                    print(f"row {row.get('dataset_index')} of {row.get('dataset_name')} not evaluated: {e}", flush=True)
-                    outputs.append([rollout.Completion([], "", [], "error")])
-        return [score(row, out[0].text, len(out[0].token_ids)) for row, out in zip(share, outputs)]
+        # Rows the engine would refuse are scored as failures, decided here from the row alone: with
+        # tensor parallelism a group generates its ranks' rows together, so one rank's bad row must
+        # not fail (or retry apart from) the others'. Any other engine error ends the run.
+        refused = [engine.cannot_run(row) for row in share]
+        for row, why in zip(share, refused):
+            if why:
+                print(f"row {row.get('dataset_index')} of {row.get('dataset_name')} not evaluated, scored as failed: "
+                      f"{why}", flush=True)
+        runnable = [row for row, why in zip(share, refused) if not why]
+        outputs = iter(engine.generate(runnable, n=1, temperature=0.0, max_new_tokens=max_new_tokens,
+                                       seed=[seed] * len(runnable)))
+        none = rollout.Completion([], "", [], "refused")
+        return [score(row, out.text, len(out.token_ids)) for row, why in zip(share, refused)
+                for out in [none if why else next(outputs)[0]]]
 
     return D.resumable_map(complete, rows, results_path, chunk_rows, tag={**(tag or {}), "repeat": repeat}, desc="rows")
 
@@ -127,10 +130,14 @@ def result_tag(path: str, args) -> dict:
     complete checkpoint, saved when) and the generation settings. Every record carries it, and a
     re-run only reuses records with the same one: a newer checkpoint or other settings start afresh
     in the same results.jsonl, and are never mixed with the old records."""
-    generation = {"engine": args.rollout, "temperature": 0.0, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    return {"checkpoint": C.model_id(path), "generation": generation(args)}
+
+
+def generation(args) -> dict:
+    settings = {"engine": args.rollout, "temperature": 0.0, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
     if args.rollout == "vllm":  # what else changes vLLM's outputs: which rows fit, the weights' dtype, the kernels
-        generation.update(max_model_len=args.max_model_len, dtype=args.vllm_dtype, tensor_parallel=args.tensor_parallel)
-    return {"checkpoint": C.model_id(path), "generation": generation}
+        settings.update(max_model_len=args.max_model_len, dtype=args.vllm_dtype, tensor_parallel=args.tensor_parallel)
+    return settings
 
 
 def load_eval_rows(args) -> list[dict]:
@@ -149,7 +156,44 @@ def load_eval_rows(args) -> list[dict]:
     return [data[i] for i in range(len(data))]
 
 
+def write_table(args, out: Path) -> str:
+    """OUT/table.md from every OUT/*/summary.json of the same rows and generation settings as this
+    run, in the order they were evaluated: one table whether the models ran in one command or in a
+    loop of commands. Returns the table."""
+    summaries = []
+    for f in out.glob("*/summary.json"):
+        s = json.loads(f.read_text())
+        if s.get("selection") == selection(args) and s["generation"] == generation(args):
+            summaries.append((f.stat().st_mtime, s["model"], s["mean"]))
+    text = table({name: mean for _, name, mean in sorted(summaries, key=lambda x: x[0])}, args.compare_paper)
+    (out / "table.md").write_text(text + "\n")
+    return text
+
+
+def selection(args) -> dict:
+    return {"data": args.data, "split": args.split, "benchmarks": args.benchmarks, "limit": args.limit}
+
+
+def evaluate_each(argv: list[str], args) -> None:
+    """Several --model values: `python evaluate.py ... --model NAME` for each in turn, then the one
+    table. One process per model because closing a vLLM engine takes torch.distributed's default group
+    down with it: a second engine in the same process would need it re-created (which can hang under
+    torchrun), and with sleep mode vLLM allows one engine per process."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        raise SystemExit("under torchrun, evaluate one --model per command (a loop of commands, README: Evaluation); "
+                         "their table in --out combines them")
+    # a one-rank group this process may have made (tests call main in-process) is not the child's
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    for name in args.model:
+        print(f"== {name}", flush=True)
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve())] + argv + ["--model", name], env=env)
+        if done.returncode:
+            raise SystemExit(f"evaluating {name} failed (exit code {done.returncode}); the models before it are done")
+    print(write_table(args, Path(args.out)))
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=["qwen2.5-vl-3b"], help="one or more aliases, hub ids or checkpoints")
     p.add_argument("--data", default="UCSC-VLAA/MedVLThinker-Eval", help="hub name, save_to_disk dir, or parquet/jsonl file")
@@ -173,43 +217,38 @@ def main(argv: list[str] | None = None) -> None:
     # every --model named and the data checked before any model loads
     paths = {name: M.resolve_model(name, flag="--model") for name in args.model}
     rows = load_eval_rows(args)
+    if len(paths) > 1:
+        return evaluate_each(argv, args)
+    name, path = next(iter(paths.items()))
 
     rank, world, device = M.init_distributed()
     engine = None
     try:
         M.print0(f"{len(rows)} rows: " + ", ".join(f"{n} {sum(r['dataset_name'] == n for r in rows)}"
                                                   for n in dict.fromkeys(r["dataset_name"] for r in rows)))
-        max_images = max([len(r.get("images") or []) for r in rows] + [1])
-        summaries = {}
-        for name, path in paths.items():
-            processor = M.load_processor(path)
-            policy = M.load_model(path, device=device) if args.rollout == "hf" else None
-            engine = rollout.make_engine(args.rollout, path, processor, model=policy, **(dict(
-                max_model_len=args.max_model_len, max_images=max_images, tensor_parallel_size=args.tensor_parallel,
-                gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, dtype=args.vllm_dtype)
-                if args.rollout == "vllm" else {}))
-            out = Path(args.out) / name.strip("/").replace("/", "__")
-            tag = result_tag(path, args)
-            M.print0(f"{name}: {tag['checkpoint']}")
-            runs = [summarize(run(engine, rows, out / "results.jsonl", repeat, args.max_new_tokens, args.seed,
-                                  args.chunk_rows, tag)) for repeat in range(args.repeats)]
-            summary = {bench: {k: statistics.mean(r[bench][k] for r in runs) for k in runs[0][bench]} for bench in runs[0]}
-            if args.repeats > 1:  # spread of the repeated greedy runs
-                for bench in summary:
-                    for grader in ("lenient", "strict"):
-                        summary[bench][grader + "_std"] = statistics.pstdev(r[bench][grader] for r in runs)
-            summaries[name] = summary
-            if rank == 0:
-                (out / "summary.json").write_text(json.dumps({"model": name, **tag, "repeats": runs, "mean": summary},
-                                                             indent=2))
-            if len(args.model) > 1:  # the next model needs its own engine
-                engine.close()
-                engine = None
-                M.init_distributed()
-        M.print0(table(summaries, args.compare_paper))
+        processor = M.load_processor(path)
+        policy = M.load_model(path, device=device) if args.rollout == "hf" else None
+        engine = rollout.make_engine(args.rollout, path, processor, model=policy, **(dict(
+            max_model_len=args.max_model_len, max_images=max([len(r.get("images") or []) for r in rows] + [1]),
+            tensor_parallel_size=args.tensor_parallel, gpu_memory_utilization=args.gpu_memory_utilization,
+            seed=args.seed, dtype=args.vllm_dtype) if args.rollout == "vllm" else {}))
+        out = Path(args.out) / name.strip("/").replace("/", "__")
+        tag = result_tag(path, args)
+        M.print0(f"{name}: {tag['checkpoint']}")
+        runs = [summarize(run(engine, rows, out / "results.jsonl", repeat, args.max_new_tokens, args.seed,
+                              args.chunk_rows, tag)) for repeat in range(args.repeats)]
+        summary = {bench: {k: statistics.mean(r[bench][k] for r in runs) for k in runs[0][bench]} for bench in runs[0]}
+        if args.repeats > 1:  # spread of the repeated greedy runs
+            for bench in summary:
+                for grader in ("lenient", "strict"):
+                    summary[bench][grader + "_std"] = statistics.pstdev(r[bench][grader] for r in runs)
         if rank == 0:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "table.md").write_text(table(summaries, args.compare_paper) + "\n")
+            (out / "summary.json").write_text(json.dumps({"model": name, **tag, "selection": selection(args),
+                                                          "repeats": runs, "mean": summary}, indent=2))
+            print(write_table(args, Path(args.out)), flush=True)
+    except BaseException as e:
+        M.exit_on_error(e)  # several ranks: print it and end the job now, not at the barrier below
+        raise
     finally:
         if engine is not None:
             engine.close()

@@ -317,7 +317,7 @@ def check_prompt_lengths(rows, processor, args, rank: int, world: int) -> tuple[
     """(indices of rows to train on, every row's prompt tokens, image tokens included). Over-long
     prompts are never truncated (image tokens would no longer match image features): they stop the
     run, naming them, or are skipped with a count."""
-    mine = [(i, len(M.encode_prompt(processor, rows[i])["input_ids"])) for i in range(rank, len(rows), world)]
+    mine = [(i, M.prompt_tokens(processor, rows[i])) for i in range(rank, len(rows), world)]
     lengths = [None] * world
     dist.all_gather_object(lengths, mine)
     too_long = sorted((i, n) for part in lengths for i, n in part if n > args.max_prompt_tokens)
@@ -544,7 +544,8 @@ def main(argv: list[str] | None = None) -> None:
             t = {"start": time.perf_counter()}
             # ---- rollout: this rank's prompts, n completions each, seeded per (step, prompt) ----
             chosen = step_prompts(args.seed, indices, step, args.prompts_per_step)[rank * per_rank:(rank + 1) * per_rank]
-            seeds = [args.seed + step * args.prompts_per_step + rank * per_rank + j for j in range(per_rank)]
+            first = step * args.prompts_per_step + rank * per_rank  # this rank's first prompt, numbered across the run
+            seeds = rollout.request_seeds(args.seed, range(first, first + per_rank), args.group_size)
             outputs = engine.generate([rows[i] for i in chosen], n=args.group_size, temperature=args.temperature,
                                       top_p=args.top_p, max_new_tokens=args.max_response_tokens, seed=seeds)
             engine.sleep()
@@ -639,6 +640,9 @@ def main(argv: list[str] | None = None) -> None:
             # ---- eval: evaluate.py's greedy run and summary on --eval-data ----
             if eval_rows is not None and args.eval_every and (step + 1) % args.eval_every == 0:
                 run_eval(engine, eval_rows, args, step + 1, metrics_file)
+    except BaseException as e:
+        M.exit_on_error(e)  # several ranks: print it and end the job now, not at the barrier below
+        raise
     finally:
         if engine is not None:
             engine.close()

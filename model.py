@@ -25,6 +25,7 @@ import math
 import os
 import re
 import socket
+import sys
 from datetime import timedelta
 from pathlib import Path
 from types import MethodType
@@ -153,8 +154,9 @@ def render_prompt(processor, row: dict) -> str:
 
 
 def sft_target(row: dict) -> str:
-    """The SFT answer (spaces inside the tags are the recipe's); the caller appends <|im_end|>."""
-    return f"<think> {row['reasoning']} </think>\n<answer> {row['answer_label']} </answer>"
+    """The SFT answer as the official SFT built it: the spaces inside the tags are the recipe's, the
+    trace and the label are stripped. The caller appends the turn's end (sft.END)."""
+    return f"<think> {row['reasoning'].strip()} </think>\n<answer> {row['answer_label'].strip()} </answer>"
 
 
 # ---- batches: prompt + completion, right-padded, everything Qwen2.5-VL needs passed through ----
@@ -166,6 +168,15 @@ def encode_prompt(processor, row: dict) -> dict:
     enc = processor(text=[render_prompt(processor, row)], images=images or None, return_tensors="pt")
     return {"input_ids": enc["input_ids"][0], "mm_token_type_ids": enc["mm_token_type_ids"][0],
             "pixel_values": enc.get("pixel_values"), "image_grid_thw": enc.get("image_grid_thw")}
+
+
+def prompt_tokens(processor, row: dict) -> int:
+    """len(encode_prompt(processor, row)["input_ids"]) without preparing any pixels: the rendered
+    prompt's tokens, each image's one placeholder counted as its merged patches (the processor's own
+    resize rule, from the image's size alone)."""
+    ip = processor.image_processor
+    merged = [ip.get_number_of_image_patches(im.height, im.width, {}) // ip.merge_size ** 2 for im in row_images(row)]
+    return len(processor.tokenizer(render_prompt(processor, row))["input_ids"]) + sum(merged) - len(merged)
 
 
 def collate(prompts: list[dict], completions: list[list[int]], pad_id: int) -> dict:
@@ -399,6 +410,28 @@ def cleanup_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_on_error(e: BaseException) -> None:
+    """Call in a stage's `except BaseException` before its `finally`'s barrier and engine close.
+
+    With several ranks the others wait in a collective this rank will never join, and the barrier
+    would keep this rank waiting with them until the 60-minute timeout, its error unprinted. So print
+    the error now, rank-prefixed, and leave at once, non-zero: torchrun then stops the other ranks
+    within seconds. One rank (plain `python`, the tests in-process): return; the caller re-raises and
+    the normal clean-up runs. An exit with code 0 is not an error and returns too."""
+    import traceback
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or isinstance(e, SystemExit) and not e.code:
+        return
+    if isinstance(e, SystemExit):  # a stop with a message (a bad flag, a failed check): the message is the report
+        code, text = (e.code, f"exit code {e.code}") if isinstance(e.code, int) else (1, str(e.code))
+    else:
+        code, text = 1, "".join(traceback.format_exception(e))
+    sys.stdout.flush()
+    sys.stderr.write("".join(f"[rank {os.environ.get('RANK', '?')}] {line}\n" for line in text.splitlines()))
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def print0(*args, **kwargs) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from model import full_state_items, render_prompt, row_images, to_device
+from model import full_state_items, prompt_tokens, render_prompt, row_images, to_device
 
 # ---- rollouts: vLLM in the trainer's process, or transformers' generate ----
 #
@@ -38,6 +38,13 @@ class Completion:
     text: str              # decoded without special tokens
     logprobs: list[float]  # log p(token) under the engine's weights, one per token
     finish_reason: str     # "stop" (end of turn) or "length" (max_new_tokens reached)
+
+
+def request_seeds(seed: int, positions, n: int) -> list[int]:
+    """The seeds of requests of n samples each, at `positions` in a run's numbering of its requests.
+    vLLM samples completion k of a request seeded s with seed s + k, so consecutive request seeds
+    would give sample k of one request the noise of sample k-1 of the next: request p gets seed + p * n."""
+    return [seed + p * n for p in positions]
 
 
 def row_seeds(rows: list[dict], seed: int | list[int] | None) -> list[int | None]:
@@ -69,6 +76,7 @@ class VLLMEngine:
         from vllm import LLM
 
         self.processor, self.tp = processor, tensor_parallel_size
+        self.max_model_len, self.max_images = max_model_len, max_images
         self.on_gpu = torch.cuda.is_available()
         rank, world = dist.get_rank(), dist.get_world_size()
         if world % tensor_parallel_size:
@@ -94,9 +102,20 @@ class VLLMEngine:
         vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.logit_bias = dict.fromkeys(blocked_token_ids(vocab_size), float("-inf"))
 
+    def cannot_run(self, row: dict) -> str | None:
+        """Why vLLM would refuse this row, or None: what its input validation rejects (a prompt with no
+        room left for one new token, more images than the engine takes). A prompt that fits runs, and
+        stops at the context if its budget does not fit (finish reason "length"). A function of the row
+        alone, so every rank of a tensor-parallel group decides alike, before any collective."""
+        if len(row.get("images") or []) > self.max_images:
+            return f"{len(row['images'])} images, the engine takes {self.max_images}"
+        n = prompt_tokens(self.processor, row)
+        return f"a prompt of {n} tokens leaves no room in the context of {self.max_model_len}" if n >= self.max_model_len else None
+
     def generate(self, rows: list[dict], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  max_new_tokens: int = 4096, seed: int | list[int] | None = None) -> list[list[Completion]]:
-        """n completions per row; temperature 0 is greedy."""
+        """n completions per row; temperature 0 is greedy. Every rank of a tensor-parallel group calls
+        it once per batch of rows, with its own rows (maybe none): the group generates them all."""
         from vllm import SamplingParams
 
         seeds = row_seeds(rows, seed)
@@ -106,6 +125,8 @@ class VLLMEngine:
             dist.all_gather_object(shares, (rows, seeds), group=self.group)
             offset = sum(len(r) for r, _ in shares[:dist.get_rank(self.group)])
             rows, seeds = [r for rs, _ in shares for r in rs], [s for _, ss in shares for s in ss]
+        if not rows:  # the whole group has nothing to do
+            return []
         requests = []
         for row in rows:
             request = {"prompt": render_prompt(self.processor, row)}
@@ -138,6 +159,9 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
         if self.on_gpu:
+            # the streamed full tensors' cached blocks back to the device first: the KV cache wakes
+            # into that memory (verl empties the cache at the same point)
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=["kv_cache"])
 
     def sleep(self) -> None:
@@ -160,6 +184,9 @@ class HFEngine:
     def __init__(self, model, processor):
         self.model, self.processor = model, processor
         self.suppress = blocked_token_ids(model.config.text_config.vocab_size)
+
+    def cannot_run(self, row: dict) -> str | None:
+        return None  # transformers takes any prompt and any number of images
 
     @torch.no_grad()
     def generate(self, rows: list[dict], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,

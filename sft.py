@@ -1,11 +1,13 @@
 """Supervised fine-tuning on reasoning traces: FSDP2, bf16 compute with fp32 master weights.
 
-The target of a row is `<think> {reasoning} </think>\\n<answer> {label} </answer><|im_end|>` after the
-recipe's prompt (model.build_messages); rows of the released `*-tokenized` datasets carry the whole
+The target of a row is `<think> {reasoning} </think>\\n<answer> {label} </answer><|im_end|>\\n` after
+the recipe's prompt (model.build_messages); rows of the released `*-tokenized` datasets carry the whole
 chat pre-rendered in a `text` column instead, split at the last assistant header. The loss is on
-the target tokens only (closing <|im_end|> included), summed, and divided by the number of target
-tokens of the whole optimizer step on all ranks: every token weighs the same whatever the micro-
-batch size, accumulation or world size (SPEC.md section 8). Text-only and image rows mix freely.
+the target tokens only (the closing <|im_end|> and the chat template's newline after it included:
+the official SFT collator labelled everything after the assistant header), summed, and divided by
+the number of target tokens of the whole optimizer step on all ranks: every token weighs the same
+whatever the micro-batch size, accumulation or world size (SPEC.md section 8). Text-only and image
+rows mix freely.
 
 Defaults are the recipe (SPEC.md section 6): lr 1e-5 cosine with 5% warmup, AdamW (0.9, 0.95,
 wd 1e-4), grad clip 1.0, global batch 16, max length 32768, 5 epochs (the released models are
@@ -40,6 +42,7 @@ import model as M
 import plan as P
 
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
+END = "<|im_end|>\n"  # how the chat template closes the assistant turn; the official loss covered both tokens
 
 
 # ---- config ----
@@ -123,9 +126,9 @@ def encode(processor, row: dict) -> tuple[dict, list[int]]:
         enc = processor(text=[head + sep], images=M.row_images(row) or None, return_tensors="pt")
         prompt = {"input_ids": enc["input_ids"][0], "mm_token_type_ids": enc["mm_token_type_ids"][0],
                   "pixel_values": enc.get("pixel_values"), "image_grid_thw": enc.get("image_grid_thw")}
-        target = target[:target.index("<|im_end|>") + len("<|im_end|>")] if "<|im_end|>" in target else target + "<|im_end|>"
-        return prompt, tok(target)["input_ids"]
-    return M.encode_prompt(processor, row), tok(M.sft_target(row) + "<|im_end|>")["input_ids"]
+        target = target[:target.index("<|im_end|>")] if "<|im_end|>" in target else target
+        return prompt, tok(target + END)["input_ids"]
+    return M.encode_prompt(processor, row), tok(M.sft_target(row) + END)["input_ids"]
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
@@ -267,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
                 C.save_training_checkpoint(policy, optimizer, processor, out / "checkpoints" / f"step_{step + 1:06d}",
                                            {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "config": vars(args)},
                                            dtype=getattr(torch, args.dtype), keep_last=args.keep_last)
+    except BaseException as e:
+        M.exit_on_error(e)  # several ranks: print it and end the job now, not at the barrier below
+        raise
     finally:
         del policy, optimizer
         M.cleanup_distributed()

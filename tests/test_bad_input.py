@@ -257,6 +257,9 @@ class ScriptedEngine:
     def __init__(self, letter: str) -> None:
         self.letter, self.asked = letter, 0
 
+    def cannot_run(self, row):
+        return None
+
     def generate(self, rows, n, temperature, max_new_tokens, seed):
         self.asked += len(rows)
         return [[rollout.Completion([1], f"<think>x</think><answer>{self.letter}</answer>", [0.0], "stop")] for _ in rows]

@@ -85,11 +85,34 @@ def test_kill_and_rerun_no_row_twice_none_missing(tiny_path, eval_data, tmp_path
 
 
 def test_rows_longer_than_the_context_are_scored_as_failures(tiny_path, eval_data, tmp_path):
+    # One vLLM engine over two ranks (tensor parallel 2): chunks of 3 rows give the ranks 2 and 1 rows,
+    # then 1 and none; rank 0's rows (two images each) do not fit, rank 1's (text) do. Each rank must
+    # run as many group collectives as its partner, whatever its rows (else: a hang).
     run = evaluate_cli(["--model", tiny_path, "--data", eval_data, "--benchmarks", "MMMU-medical", "--max-new-tokens", "4",
-                        "--max-model-len", "110", "--vllm-dtype", "float32", "--out", str(tmp_path)])
+                        "--max-model-len", "110", "--vllm-dtype", "float32", "--tensor-parallel", "2",
+                        "--chunk-rows", "3", "--out", str(tmp_path)], ranks=2)
     assert run.returncode == 0, run.stderr[-5000:]
     name = tiny_path.strip("/").replace("/", "__")
     records = {r["key"]: r for r in map(json.loads, (tmp_path / name / "results.jsonl").read_text().splitlines())}
-    assert len(records) == 4 and "not evaluated" in run.stdout
-    assert records["MMMU-medical/2"]["tokens"] > 0           # the text row fits
-    assert records["MMMU-medical/1"]["tokens"] == 0 and not records["MMMU-medical/1"]["lenient"]  # two images do not
+    assert len(records) == 4 and run.stdout.count("not evaluated, scored as failed: a prompt of 124 tokens") == 2
+    for text_row in ("MMMU-medical/2", "MMMU-medical/9"):
+        assert records[text_row]["tokens"] > 0  # fits, and generated beside the partner's refused rows
+    for two_images in ("MMMU-medical/1", "MMMU-medical/8"):
+        assert records[two_images]["tokens"] == 0 and not records[two_images]["lenient"]
+
+
+def test_models_evaluated_one_command_each_share_one_table(tiny_path, eval_data, tmp_path):
+    common = ["--data", eval_data, "--benchmarks", "pmc_vqa", "--rollout", "hf", "--max-new-tokens", "4", "--out", str(tmp_path)]
+    # under torchrun several models are refused before anything loads: one process per model
+    refused = evaluate_cli(["--model", tiny_path, "tiny"] + common, env={"TORCHELASTIC_RUN_ID": "test"})
+    assert refused.returncode != 0 and "one --model per command" in refused.stderr
+    for name in (tiny_path, "tiny"):  # a loop of commands, as the README shows for torchrun
+        run = evaluate_cli(["--model", name] + common)
+        assert run.returncode == 0, run.stderr[-3000:]
+    table = (tmp_path / "table.md").read_text()
+    assert f"| {tiny_path} | lenient |" in table and "| tiny | lenient |" in table
+    assert table.index(f"| {tiny_path} |") < table.index("| tiny |")  # in the order evaluated
+    # other rows are another table: a model evaluated on them is not put beside the others
+    fewer = evaluate_cli(["--model", "tiny", "--limit", "1"] + common)
+    assert fewer.returncode == 0, fewer.stderr[-3000:]
+    assert f"| {tiny_path} |" not in (tmp_path / "table.md").read_text()

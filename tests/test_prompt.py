@@ -58,6 +58,9 @@ def test_messages_structure():
 def test_sft_target():
     row = {**make_rows()[0], "reasoning": "The air-filled organ is the lung."}
     assert model.sft_target(row) == "<think> The air-filled organ is the lung. </think>\n<answer> B </answer>"
+    # stripped as the official SFT did: a trace from a teacher often ends with a newline
+    spaced = {**row, "reasoning": "\n The air-filled organ is the lung.\n\n", "answer_label": " B\n"}
+    assert model.sft_target(spaced) == model.sft_target(row)
 
 
 def test_images_expand_to_their_grids(processor, rows):
@@ -70,3 +73,12 @@ def test_images_expand_to_their_grids(processor, rows):
             assert len(enc["image_grid_thw"]) == len(row["images"])
         else:
             assert n_image_tokens == 0 and enc["pixel_values"] is None
+
+
+def test_prompt_tokens_are_counted_without_pixels(processor, rows):
+    from conftest import make_image
+
+    sizes = [(28, 28), (29, 300), (1000, 37), (640, 480), (2000, 1500)]  # odd, thin and resized-down images
+    extra = [{**rows[0], "images": [make_image(i, size)]} for i, size in enumerate(sizes)]
+    for row in rows + extra:
+        assert model.prompt_tokens(processor, row) == len(model.encode_prompt(processor, row)["input_ids"])

@@ -123,6 +123,18 @@ def test_seeded_sampling_is_reproducible(engine, rows):
     assert [[c.token_ids for c in r] for r in a] == [[c.token_ids for c in r] for r in b[::-1]]
 
 
+def test_request_seeds_give_every_sample_its_own_noise(engine, rows):
+    # vLLM seeds sample k of a request seeded s with s + k: with consecutive request seeds, sample 1 of
+    # one request would be sample 0 of the next (the same prompt twice makes that visible)
+    same = [rows[0], rows[0]]
+    tokens = lambda seeds: [c.token_ids for r in engine.generate(same, n=2, temperature=1.0, max_new_tokens=16, seed=seeds)
+                            for c in r]
+    overlapping = tokens([5, 6])
+    assert overlapping[1] == overlapping[2]
+    spaced = tokens(rollout.request_seeds(5, [0, 1], 2))
+    assert spaced[:2] == overlapping[:2] and len({tuple(t) for t in spaced}) == 4
+
+
 def test_hf_fallback_same_structure_and_greedy_tokens(engine, policy, processor, rows):
     hf_engine = rollout.make_engine("hf", "unused", processor, model=policy)
     vl = engine.generate(rows, n=1, temperature=0.0, max_new_tokens=16)

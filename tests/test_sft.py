@@ -49,8 +49,7 @@ def test_loss_mask_is_exactly_the_assistant_turn(processor):
     assert not text_row["images"]
     full = processor.apply_chat_template(model.build_messages(text_row) + [
         {"role": "assistant", "content": [{"type": "text", "text": model.sft_target(text_row)}]}], tokenize=False)
-    assert full.endswith("<|im_end|>\n")
-    full = full[:-1]  # the template's newline after the last <|im_end|> is not trained on
+    assert full.endswith("<|im_end|>\n")  # the newline is trained on too, as the official collator did
     enc = tok(full, return_offsets_mapping=True)
     start = full.rindex(sft.ASSISTANT_HEADER) + len(sft.ASSISTANT_HEADER)
     expected = [s >= start for s, _ in enc["offset_mapping"]]
@@ -58,7 +57,8 @@ def test_loss_mask_is_exactly_the_assistant_turn(processor):
     batch = model.collate([prompt], [target], tok.pad_token_id)
     assert batch["input_ids"][0].tolist() == enc["input_ids"]  # same tokens as the rendered chat
     assert batch["completion_mask"][0].tolist() == expected
-    assert tok.decode(batch["input_ids"][0][batch["completion_mask"][0]]) == model.sft_target(text_row) + "<|im_end|>"
+    assert tok.decode(batch["input_ids"][0][batch["completion_mask"][0]]) == model.sft_target(text_row) + "<|im_end|>\n"
+    assert target[-2:] == tok("<|im_end|>\n")["input_ids"] and len(tok("<|im_end|>\n")["input_ids"]) == 2
 
 
 def test_pre_rendered_text_rows_encode_like_reasoning_rows(processor):
