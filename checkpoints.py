@@ -9,7 +9,11 @@ its records on it).
 """
 
 import json
+import os
 import shutil
+import socket
+import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -17,6 +21,37 @@ import torch
 import torch.distributed as dist
 
 from model import full_state_items, print0
+
+
+def check_shared_out(out: Path, wait: float = 10.0) -> None:
+    """Multi-node runs only (torchrun's WORLD_SIZE above its LOCAL_WORLD_SIZE). Every rank saves its
+    optimizer shards under --out, and --resume needs all of them in one directory: --out must be one
+    directory that every node sees (a shared file system), not a node-local disk. Rank 0 writes a
+    file of a fresh name there and every rank looks for it (for up to `wait` seconds: network file
+    systems show new files late); if a rank does not see it, every rank stops, before anything is
+    trained. All ranks call this, after rank 0 made `out`."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= int(os.environ.get("LOCAL_WORLD_SIZE", world)):
+        return
+    rank, name = dist.get_rank(), [f".shared-check-{uuid.uuid4().hex}"]
+    dist.broadcast_object_list(name)
+    probe = out / name[0]
+    if rank == 0:
+        probe.write_text(socket.gethostname())
+    dist.barrier()
+    deadline = time.time() + wait
+    while not probe.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    seen = [None] * world
+    dist.all_gather_object(seen, (probe.exists(), socket.gethostname()))  # every rank has looked
+    if rank == 0:
+        probe.unlink()
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
+    if blind:
+        raise SystemExit(f"--out {out} is not one directory that every node sees: {', '.join(blind)} cannot see the "
+                         f"file rank 0 wrote there on {seen[0][1]}. Every rank saves its optimizer shards under --out "
+                         "and --resume needs them all: put --out on a file system every node mounts at the same path "
+                         "(README: Multi-node).")
 
 
 def save_checkpoint(model, processor, out_dir: str | Path, meta: dict, dtype: torch.dtype = torch.bfloat16,

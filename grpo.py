@@ -474,6 +474,7 @@ def check_memory(args) -> None:
         ref=None if args.kl_coef == 0 else "host" if args.ref_offload else "gpu", vllm=args.rollout == "vllm",
         tensor_parallel=args.tensor_parallel, gpu_memory_utilization=args.gpu_memory_utilization,
         vllm_bytes=4 if args.vllm_dtype == "float32" else 2, max_model_len=longest,
+        step_sequences=-(-args.prompts_per_step * args.group_size // world),
         gpu_gib=P.gpu_gib(args.gpu_memory_gb), ranks_per_node=P.ranks_per_node(world)), args.model, show=args.plan)
 
 
@@ -511,6 +512,7 @@ def main(argv: list[str] | None = None) -> None:
             versions = {"torch": torch.__version__, "transformers": transformers.__version__}
             (out / "config.json").write_text(json.dumps({**vars(args), "world_size": world, **versions}, indent=2))
             print(json.dumps(vars(args)), flush=True)
+        C.check_shared_out(out)  # several nodes: --out must be one directory they all see (--resume needs it)
         M.print0(f"{len(indices)} rows, {steps_per_epoch} steps per epoch, {total_steps} steps, {world} ranks")
 
         # Policy: fp32 master weights, sharded; computes in --dtype. Reference: a frozen copy.
@@ -617,6 +619,7 @@ def main(argv: list[str] | None = None) -> None:
             t["update"] = time.perf_counter()
 
             # ---- weight sync: the engine samples the next step with the new weights ----
+            b = old = ref_lp = encoded = None  # the step's last batch and prompts off the device before vLLM wakes
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # hand the update's cached blocks back: vLLM wakes into them (plan.py)
             engine.update_weights(policy)

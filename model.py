@@ -21,6 +21,7 @@ rollout.py.
 """
 
 import io
+import itertools
 import math
 import os
 import re
@@ -203,8 +204,17 @@ def collate(prompts: list[dict], completions: list[list[int]], pad_id: int) -> d
              "completion_mask": completion_mask}
     with_images = [p for p in prompts if p["pixel_values"] is not None]  # order = order of image tokens
     if with_images:
-        batch["pixel_values"] = torch.cat([p["pixel_values"] for p in with_images])
-        batch["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in with_images])
+        batch["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in with_images])  # (images, 3)
+        # A prompt shared by several sequences (a GRPO group's completions) has its pixels once:
+        # image_index maps each image of the batch to its copy, which the vision tower sees once.
+        distinct = list({id(p): p for p in with_images}.values())
+        batch["pixel_values"] = torch.cat([p["pixel_values"] for p in distinct])
+        if len(distinct) < len(with_images):
+            counts = [len(p["image_grid_thw"]) for p in distinct]
+            first = dict(zip(map(id, distinct), itertools.accumulate([0] + counts)))  # prompt -> its first copy
+            batch["image_index"] = torch.tensor([first[id(p)] + j for p in with_images
+                                                 for j in range(len(p["image_grid_thw"]))])         # (images,)
+            batch["pixel_grid_thw"] = torch.cat([p["image_grid_thw"] for p in distinct])  # (distinct images, 3)
     return batch
 
 
@@ -226,7 +236,7 @@ def pack(model, batch: dict) -> dict:
     packed = {k: batch[k][keep][None] for k in ("input_ids", "mm_token_type_ids", "completion_mask")}  # (1, N)
     packed["position_ids"] = torch.cat([text[keep][None], rope[:, keep]])[:, None]  # (4, 1, N)
     packed["seq_lens"] = keep.sum(1)                                               # (B,)
-    packed.update({k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch})
+    packed.update({k: batch[k] for k in ("pixel_values", "image_grid_thw", "image_index", "pixel_grid_thw") if k in batch})
     return packed
 
 
@@ -324,7 +334,9 @@ class LinearLogprobs(torch.autograd.Function):
         hidden, weight, targets, lse = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight) if want_weight else None
+        # the weight's gradient is summed over the chunks in fp32 and cast once: a compute-dtype sum
+        # rounds at every chunk (128 times for 32k tokens in chunks of 256)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         n, chunk = len(targets), ctx.chunk
         buf, ctx.buf = ctx.buf, None  # freed when this backward returns, before the decoder's backward
         if buf is None:  # a second backward through the same graph (retain_graph=True)
@@ -337,9 +349,11 @@ class LinearLogprobs(torch.autograd.Function):
             dlogits = dlogits.to(weight.dtype)
             if want_hidden:
                 torch.mm(dlogits, weight, out=grad_hidden[i:i + chunk])
-            if want_weight:
+            if want_weight and weight.dtype == torch.float32:
                 torch.addmm(grad_weight, dlogits.t(), h, out=grad_weight)  # in place (and seen by FlopCounterMode)
-        return grad_hidden, grad_weight, None, None, None
+            elif want_weight:  # the chunk's share at the compute dtype's matmul speed, added in fp32
+                grad_weight += torch.mm(dlogits.t(), h)
+        return grad_hidden, grad_weight.to(weight.dtype) if want_weight else None, None, None, None
 
 
 def _blank_image_features(model) -> torch.Tensor:
@@ -356,11 +370,28 @@ def _blank_image_features(model) -> torch.Tensor:
     return visual(pixels, grid_thw=grid).pooler_output
 
 
+def _shared_image_embeds(model, batch: dict) -> torch.Tensor:
+    """inputs_embeds (B, T, H) of a batch whose sequences share images (collate's image_index): the
+    vision tower runs once on each distinct image, and its features fill every sequence that shows it."""
+    visual = model.model.visual
+    grids = batch["pixel_grid_thw"]                                               # (distinct images, 3)
+    feats = visual(batch["pixel_values"].type(visual.dtype), grid_thw=grids).pooler_output  # (their tokens, H)
+    per_image = feats.split((grids.prod(-1) // visual.spatial_merge_size ** 2).tolist())
+    image_embeds = torch.cat([per_image[j] for j in batch["image_index"].tolist()])  # (the batch's image tokens, H)
+    embeds = model.model.get_input_embeddings()(batch["input_ids"])
+    where = (batch["input_ids"] == model.config.image_token_id)[..., None]
+    return embeds.masked_scatter(where, image_embeds.to(embeds.dtype))
+
+
 def _token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_tokens: int = 256) -> torch.Tensor:
     sharded = dist.is_initialized() and dist.get_world_size() > 1
     blank = _blank_image_features(model) if sharded and "pixel_values" not in batch else None
     packed = {"packed_seq_lens": batch["seq_lens"].tolist()} if "seq_lens" in batch else {}  # see _packed_sdpa
-    hidden = model.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False, **packed).last_hidden_state
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if "image_index" in batch:  # input_ids stay: transformers reads the rope positions from them
+        inputs.pop("pixel_values")
+        inputs["inputs_embeds"] = _shared_image_embeds(model, batch)
+    hidden = model.model(**inputs, use_cache=False, **packed).last_hidden_state
     if blank is not None:
         hidden = hidden + 0.0 * blank.sum()
     mask = batch["completion_mask"][:, 1:]                      # (B, T-1): token t+1 is a completion token
@@ -501,7 +532,7 @@ def load_sharded_model(name: str, param_dtype: torch.dtype | None = None, cpu_of
 def _fill_from_rank0(model, full: dict, cpu_offload: bool) -> None:
     """Every rank: rank 0's `full` state dict (empty elsewhere) into the FSDP2 shards, then every
     buffer from rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import distribute_tensor
 
     # Untested branch: with a GPU the shards and buffers go to it (as fully_shard put rank 0's) and
     # the broadcasts run over NCCL; this was only ever run on CPU with gloo.
@@ -513,8 +544,16 @@ def _fill_from_rank0(model, full: dict, cpu_offload: bool) -> None:
         for name, buf in list(model.named_buffers()):
             owner, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(owner), leaf, torch.empty_like(buf, device=device))
-    # Parameters (and persistent buffers): rank 0 broadcasts each full tensor, every rank keeps its shard.
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # Parameters: rank 0 broadcasts each full tensor on the device (NCCL on GPUs), every rank copies
+    # its chunk into its shard, wherever FSDP2 keeps it. (torch's set_model_state_dict broadcasts on
+    # the shards' device: for --ref-offload's host-memory shards that is gloo, 33-134 GB at start-up.)
+    with torch.no_grad():
+        for name, param in model.named_parameters():                   # tied weights: once
+            t = (full[name].to(device) if dist.get_rank() == 0
+                 else torch.empty(param.shape, dtype=param.dtype, device=device))
+            dist.broadcast(t, src=0)
+            mine = distribute_tensor(t, param.device_mesh, param.placements, src_data_rank=None)  # no communication
+            param.to_local().copy_(mine.to_local())
     # Non-persistent buffers, such as the rotary inv_freq of the language model and of the vision
     # tower, are in no state dict and hold garbage after to_empty: rank 0's, computed by
     # from_pretrained, are copied as they are (a few KB), so every rank has exactly a plain load's.

@@ -20,7 +20,8 @@ What is counted, per GPU (B sequences of T tokens per micro-batch, P parameters,
              I-wide tensors, their gradients; RMSNorm computes in fp32), the boolean causal mask
              (B*T*T) and one chunk of the log-prob head (chunk x vocab x (4 + c) bytes, 4 in fp32:
              model.LinearLogprobs' backward holds one buffer of fp32 logits, turned in place into
-             their gradient, and that gradient's copy in a compute dtype below fp32). Without
+             their gradient, and that gradient's copy in a compute dtype below fp32; below fp32 also
+             the lm_head gradient's fp32 sum and one chunk's share of it). Without
              checkpointing, every layer's activations.
   reference  (GRPO, KL > 0) fp32 shards 4P/W on the GPU, or in host memory with --ref-offload (its
              root unit, gathered for its forwards, is freed after them: model.reshard).
@@ -29,6 +30,8 @@ What is counted, per GPU (B sequences of T tokens per micro-batch, P parameters,
              its own numbers at start-up) and the KV cache (the rest). Asleep (level 1) it holds
              ~nothing on the GPU and its weights in host memory. The rollout phase must fit the
              trainer's persistent memory (params, AdamW, an on-GPU reference) beside vLLM's share.
+  log-probs  (GRPO) the step's old and reference log-probs, fp32, on the device through the
+             updates; the step's batches wait in host memory until their forward.
   reserve    RESERVE_GIB for the CUDA context, NCCL buffers and allocator fragmentation.
 The update's peak is the largest of three moments of a micro-batch's backward (plan_memory): the
 log-prob head's backward, a layer's backward, and the root unit's reduce-scatter.
@@ -189,8 +192,9 @@ def flops(s: Shapes, seq_lens: list[int], logit_tokens: int, image_grids: list[t
 
 def batch_flops(s: Shapes, batch: dict, backward: bool = True) -> float:
     """flops() of a model.collate batch (real lengths from attention_mask) or a model.pack one (from
-    seq_lens): lm_head positions from completion_mask, images from image_grid_thw."""
-    grids = batch["image_grid_thw"].tolist() if "image_grid_thw" in batch else []
+    seq_lens): lm_head positions from completion_mask, images from image_grid_thw (each distinct one once)."""
+    grids = batch.get("pixel_grid_thw", batch.get("image_grid_thw"))  # the images the vision tower sees
+    grids = grids.tolist() if grids is not None else []
     lengths = batch["seq_lens"] if "seq_lens" in batch else batch["attention_mask"].sum(1)
     return flops(s, lengths.tolist(), int(batch["completion_mask"][:, 1:].sum()), grids, backward)
 
@@ -262,6 +266,7 @@ class Run:
     gpu_memory_utilization: float = 0.6
     vllm_bytes: int = 2           # vLLM's weights and KV cache dtype
     max_model_len: int = 0
+    step_sequences: int = 0       # GRPO: sequences a rank trains on per step (their log-probs wait on the device)
     gpu_gib: float = 80.0
     ranks_per_node: int = 8
     reserve_gib: float = RESERVE_GIB
@@ -326,6 +331,8 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
     hidden = 2 * c * tokens * s.hidden + mask                   # final hidden states, their grad; bool mask
     root = c * n["root"]                                       # gathered for the whole forward and backward
     head_grad = c * s.vocab * s.hidden                         # lm_head's unsharded gradient, from the first chunk on
+    # below fp32, LinearLogprobs sums that gradient in fp32 (plus one chunk's product in the compute dtype)
+    head_sum = (4 + c) * s.vocab * s.hidden if c < 4 else 0
     blocks = (3 * c + 4) * max(n["layer"], n["block"])         # two gathered blocks, one's gradient and its fp32 copy
     reduce = (c + 4) * n["root"]                               # the root's gradients and fp32 reduce-scatter input
     rows = [("policy weights (fp32, sharded)", 4 * P / W, "always"),
@@ -337,11 +344,14 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
              f"({tokens:,} tokens)", saved, "update A+C"),
             ("activations: final hidden states, their gradient, mask", hidden, "update A+C"),
             (f"log-prob chunk ({chunk} x {s.vocab})", head, "update A"),
+            ("lm_head gradient's fp32 sum, one chunk's product", head_sum, "update A"),
             ("activations: one layer recomputed", working, "update C"),
             ("FSDP2 two blocks gathered, gradient", blocks, "update C"),
             ("root gradients + fp32 reduce-scatter input", reduce, "update B")]
     if r.ref == "gpu":
         rows.append(("reference model (fp32, sharded)", 4 * P / W, "always"))
+    if r.step_sequences:  # the batches themselves wait in host memory
+        rows.append(("the step's old and reference log-probs (fp32)", 2 * 4 * r.step_sequences * r.seq_len, "update"))
     problems, kv_tokens = [], 0
     if r.vllm:
         tp = r.tensor_parallel

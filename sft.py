@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps({**vars(args), "world_size": world}, indent=2))
             print(json.dumps(vars(args)), flush=True)
+        C.check_shared_out(out)  # several nodes: --out must be one directory they all see (--resume needs it)
         M.print0(f"{len(usable)} rows, {steps_per_epoch} steps per epoch x {args.epochs} epochs, "
                  f"{world} ranks x {args.micro_batch} sequences x {accum} accumulation")
 

@@ -80,6 +80,30 @@ def test_chunked_logprobs_equal_naive(tiny_model, processor, rows, chunk_tokens)
 
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_sequences_sharing_a_prompt_share_its_pixels(tiny_model, processor, rows, packed):
+    """A GRPO group's completions share their prompt: its pixels are in the batch once and the vision
+    tower runs once on them, with the same log-probs and gradients as one copy per sequence."""
+    encoded = [model.encode_prompt(processor, r) for r in rows[:2]]   # one image, two images
+    prompts = [encoded[0], encoded[1], encoded[0], encoded[1], encoded[0]]
+    completions = completions_for(rows, lengths=(5, 3, 7)) + completions_for(rows, seed=1, lengths=(4, 6))
+    shared = model.collate(prompts, completions, processor.tokenizer.pad_token_id)
+    copies = model.collate([dict(p) for p in prompts], completions, processor.tokenizer.pad_token_id)
+    assert len(shared["pixel_values"]) == sum(len(e["pixel_values"]) for e in encoded)
+    assert len(copies["pixel_values"]) == sum(len(p["pixel_values"]) for p in prompts) and "image_index" not in copies
+    assert shared["image_index"].tolist() == [0, 1, 2, 0, 1, 2, 0]
+    params = [tiny_model.lm_head.weight, tiny_model.model.visual.patch_embed.proj.weight,
+              tiny_model.model.visual.merger.mlp[0].weight]
+    results = []
+    for batch in (shared, copies):
+        batch = model.pack(tiny_model, batch) if packed else batch
+        logp = model.token_logprobs(tiny_model, batch)
+        results.append((logp, torch.autograd.grad(logp.sum(), params)))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=0)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_update_logprobs_are_the_old_ones(tiny_path, processor, rows):
     """grpo.py's on-policy shortcut (one update per step: old log-probs = the update's own, detached)
     holds only if train mode, gradient checkpointing and autograd change no value: bit for bit."""
@@ -108,6 +132,23 @@ def test_linear_logprobs_backward_with_temperature():
     for a, b, c in zip(first, torch.autograd.grad((ref * g).sum(), (h, w)), again):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
         assert torch.equal(a, c)
+
+
+def test_linear_logprobs_weight_gradient_is_summed_in_fp32():
+    """In bf16 (the compute dtype under FSDP2 mixed precision) the lm_head gradient of 1024 tokens in
+    64 chunks: within a few bf16 roundings of the fp32 gradient of the same bf16 inputs, as one
+    final cast would be, not 64 roundings of a running sum."""
+    torch.manual_seed(0)
+    h, w = torch.randn(1024, 64).bfloat16(), (torch.randn(256, 64) / 8).bfloat16()
+    t, g = torch.randint(0, 256, (1024,)), torch.randn(1024)
+    hb, wb = h.clone().requires_grad_(), w.clone().requires_grad_()
+    (model.LinearLogprobs.apply(hb, wb, t, 1.0, 16) * g).sum().backward()
+    hf, wf = h.float().requires_grad_(), w.float().requires_grad_()
+    (torch.log_softmax(hf @ wf.T, -1).gather(-1, t[:, None])[:, 0] * g).sum().backward()
+    assert wb.grad.dtype == torch.bfloat16
+    one_rounding = (wf.grad.bfloat16().float() - wf.grad).norm()   # the error of the final cast alone
+    error = (wb.grad.float() - wf.grad).norm()
+    assert error < 3 * one_rounding, (error / one_rounding).item()
 
 
 def test_temperature_scales_logits(tiny_model, processor, rows):

@@ -204,7 +204,7 @@ def recipe_plan(stage: str, name: str, W: int, tp: int, micro: int,
     s = plan.shapes(name)
     if stage == "grpo":  # 2048 prompt + 4096 response tokens, images filling the prompt, vLLM at 0.6, packed
         r = plan.Run("grpo", W, micro, 6144, 4096, 2048, packed=True, tokens_per_forward=budget, ref="host", vllm=True,
-                     tensor_parallel=tp, max_model_len=6144)
+                     tensor_parallel=tp, max_model_len=6144, step_sequences=256 * 8 // W)
     else:                # 32768 tokens, 2048 of them image tokens
         r = plan.Run("sft", W, micro, 32768, 32768, 2048)
     return s, plan.plan_memory(s, r)
