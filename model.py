@@ -370,17 +370,16 @@ def _blank_image_features(model) -> torch.Tensor:
     return visual(pixels, grid_thw=grid).pooler_output
 
 
-def _shared_image_embeds(model, batch: dict) -> torch.Tensor:
-    """inputs_embeds (B, T, H) of a batch whose sequences share images (collate's image_index): the
-    vision tower runs once on each distinct image, and its features fill every sequence that shows it."""
-    visual = model.model.visual
-    grids = batch["pixel_grid_thw"]                                               # (distinct images, 3)
-    feats = visual(batch["pixel_values"].type(visual.dtype), grid_thw=grids).pooler_output  # (their tokens, H)
-    per_image = feats.split((grids.prod(-1) // visual.spatial_merge_size ** 2).tolist())
-    image_embeds = torch.cat([per_image[j] for j in batch["image_index"].tolist()])  # (the batch's image tokens, H)
-    embeds = model.model.get_input_embeddings()(batch["input_ids"])
-    where = (batch["input_ids"] == model.config.image_token_id)[..., None]
-    return embeds.masked_scatter(where, image_embeds.to(embeds.dtype))
+def _shared_image_features(model, batch: dict):
+    """transformers' mm_encoder_outputs["image"] for a batch whose sequences share images (collate's
+    image_index): the vision tower runs once on each distinct image, and every image of the batch
+    takes its copy's features (and, where a model has them, its DeepStack features)."""
+    out = model.model.get_image_features(batch["pixel_values"], batch["pixel_grid_thw"], return_dict=True)
+    pick = lambda per_image: tuple(per_image[j] for j in batch["image_index"].tolist())  # noqa: E731
+    out.pooler_output = pick(out.pooler_output)                       # per image of the batch: (its tokens, H)
+    if getattr(out, "deepstack_features", None):
+        out.deepstack_features = [pick(layer) for layer in out.deepstack_features]
+    return out
 
 
 def _token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_tokens: int = 256) -> torch.Tensor:
@@ -388,9 +387,9 @@ def _token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_tokens: 
     blank = _blank_image_features(model) if sharded and "pixel_values" not in batch else None
     packed = {"packed_seq_lens": batch["seq_lens"].tolist()} if "seq_lens" in batch else {}  # see _packed_sdpa
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    if "image_index" in batch:  # input_ids stay: transformers reads the rope positions from them
+    if "image_index" in batch:
         inputs.pop("pixel_values")
-        inputs["inputs_embeds"] = _shared_image_embeds(model, batch)
+        inputs["mm_encoder_outputs"] = {"image": _shared_image_features(model, batch)}
     hidden = model.model(**inputs, use_cache=False, **packed).last_hidden_state
     if blank is not None:
         hidden = hidden + 0.0 * blank.sum()
