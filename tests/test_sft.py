@@ -101,7 +101,9 @@ def test_gradient_accumulation_gives_the_same_update(tiny_path, sft_data, tmp_pa
     assert w["mfu"] is None and s["mfu"] == pytest.approx(s["tflops"] / 0.5) and s["peak_mem_gb"] is None
     assert losses(tmp_path / "whole") == pytest.approx(losses(tmp_path / "split"), rel=1e-5)
     a, b, init = final_weights(tmp_path / "whole"), final_weights(tmp_path / "split"), load_file(f"{tiny_path}/model.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    # AdamW's first step is lr * g / (|g| + eps): where a gradient is near eps, the last bits of its sum
+    # (4 micro-batches or 1) move the update by up to ~1e-3 lr (measured 1.02e-6 at lr 1e-3)
+    assert all(torch.allclose(a[k], b[k], atol=2e-6, rtol=0) for k in a)
     assert sum(not torch.equal(a[k], init[k]) for k in a) == len(a)
 
 
@@ -116,7 +118,7 @@ def test_overfits_a_few_traces_and_generates_them(tiny_path, processor, tmp_path
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "four"))
     out = tmp_path / "overfit"
     run = sft_cli(["--model", tiny_path, "--data", str(tmp_path / "four"), "--global-batch", "4", "--micro-batch", "4",
-                   "--epochs", "80", "--lr", "5e-3", "--warmup-ratio", "0", "--dtype", "float32", "--save-every", "1000",
+                   "--epochs", "120", "--lr", "5e-3", "--warmup-ratio", "0", "--dtype", "float32", "--save-every", "1000",
                    "--out", str(out)], env={"OMP_NUM_THREADS": "2"})  # one process alone: both cores
     assert run.returncode == 0, run.stderr[-3000:]
     curve = losses(out)
@@ -128,7 +130,9 @@ def test_overfits_a_few_traces_and_generates_them(tiny_path, processor, tmp_path
                         return_tensors="pt")
         ids = trained.generate(**enc, do_sample=False, max_new_tokens=64, eos_token_id=151645)[0, enc["input_ids"].shape[1]:]
         exact.append(processor.tokenizer.decode(ids, skip_special_tokens=True) == model.sft_target(row))
-    assert sum(exact) >= 3, exact  # a 2-layer, 128-wide model: most traces come back word for word
+    # a 2-layer, 128-wide model: most traces come back word for word (4 of 4 measured; at 80 epochs the
+    # two text rows, which differ only in the question, came back 3 of 4 or 2 of 4, by the seed's luck)
+    assert sum(exact) >= 3, exact
 
 
 def test_kill_and_resume_is_bit_identical(tiny_path, sft_data, tmp_path):
