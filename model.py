@@ -46,7 +46,12 @@ MODEL_ALIASES = {
     "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
     "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
     "qwen2.5-vl-32b": "Qwen/Qwen2.5-VL-32B-Instruct",
+    "qwen3-vl-2b": "Qwen/Qwen3-VL-2B-Instruct",
+    "qwen3-vl-4b": "Qwen/Qwen3-VL-4B-Instruct",
+    "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct",
+    "qwen3-vl-32b": "Qwen/Qwen3-VL-32B-Instruct",
 }
+TINY = {"tiny": "qwen2.5-vl", "tiny-qwen3-vl": "qwen3-vl"}  # name -> family of the tiny random models
 CACHE_DIR = Path(os.environ.get("MEDVLT_CACHE", Path.home() / ".cache" / "medvlthinker"))
 
 
@@ -61,8 +66,8 @@ def resolve_model(name: str, seed: int = 0, flag: str | None = None) -> str:
     A name that is none of these (a path that does not exist, or "runs/x" when runs/ is a local
     folder) raises FileNotFoundError here, instead of the hub's "Repo id must be in the form ..."
     later; with `flag` (the command-line flag it came from) it stops the program with that flag named."""
-    if name == "tiny":
-        return str(build_tiny(CACHE_DIR / f"tiny-{TINY_VERSION}-seed{seed}", seed=seed))
+    if name in TINY:
+        return str(build_tiny(CACHE_DIR / f"{name}-{TINY_VERSION}-seed{seed}", seed=seed, family=TINY[name]))
     if name in MODEL_ALIASES:
         return MODEL_ALIASES[name]
     run = Path(name)
@@ -82,7 +87,7 @@ def resolve_model(name: str, seed: int = 0, flag: str | None = None) -> str:
         return name
     else:
         problem = (f"{name}: no such model directory, and not a hub id or an alias "
-                   f"({', '.join([*MODEL_ALIASES, 'tiny'])})")
+                   f"({', '.join([*MODEL_ALIASES, *TINY])})")
     if flag:
         raise SystemExit(f"{flag} {problem}")
     raise FileNotFoundError(problem)
@@ -362,12 +367,15 @@ def _blank_image_features(model) -> torch.Tensor:
     Under FSDP2 every rank must all-gather the same units in the same order. A rank whose
     micro-batch has no image would skip the vision blocks while another rank gathers them, and the
     collectives would pair up wrongly (a hang or a size mismatch). So a text-only micro-batch still
-    runs the vision tower, first, like an image batch does, and adds its output times zero."""
+    runs the vision tower, first, like an image batch does, and adds its outputs times zero: the
+    merged features and, for Qwen3-VL, the DeepStack features (every vision parameter then has a
+    gradient, as on a rank with images, so the gradient reduce-scatters match too)."""
     visual = model.model.visual
     patch = visual.config.in_channels * visual.config.temporal_patch_size * visual.config.patch_size ** 2
     grid = torch.tensor([[1, 2, 2]], device=model.lm_head.weight.device)
     pixels = torch.zeros(4, patch, dtype=visual.patch_embed.proj.weight.dtype, device=grid.device)
-    return visual(pixels, grid_thw=grid).pooler_output
+    out = visual(pixels, grid_thw=grid)
+    return sum(f.sum() for f in [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])])
 
 
 def _shared_image_features(model, batch: dict):
@@ -392,7 +400,7 @@ def _token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_tokens: 
         inputs["mm_encoder_outputs"] = {"image": _shared_image_features(model, batch)}
     hidden = model.model(**inputs, use_cache=False, **packed).last_hidden_state
     if blank is not None:
-        hidden = hidden + 0.0 * blank.sum()
+        hidden = hidden + 0.0 * blank
     mask = batch["completion_mask"][:, 1:]                      # (B, T-1): token t+1 is a completion token
     h = hidden[:, :-1][mask]                                    # (N, H): states that predict those tokens
     targets = batch["input_ids"][:, 1:][mask]                   # (N,)
@@ -481,10 +489,10 @@ def shard_model(model, param_dtype: torch.dtype | None = None, reduce_dtype: tor
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
     kw = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
               offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
-    for block in model.model.visual.blocks:
-        fully_shard(block, **kw)
-    for layer in model.model.language_model.layers:
-        fully_shard(layer, **kw)
+    units = set(model._no_split_modules)  # the family's vision block and decoder layer classes
+    for module in list(model.modules())[1:]:  # in order: the vision blocks, then the decoder layers
+        if type(module).__name__ in units:
+            fully_shard(module, **kw)
     fully_shard(model, **kw)
     # token_logprobs calls model.model and lm_head directly, not model.forward; registering it as a
     # forward method makes FSDP2 gather the root's parameters around it (like it does for generate).

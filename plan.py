@@ -105,8 +105,9 @@ class Shapes:
                    text["num_key_value_heads"], text.get("head_dim") or text["hidden_size"] // heads,
                    text["vocab_size"], tied, vision["depth"], vision["hidden_size"], vision["intermediate_size"],
                    vision["out_hidden_size"], vision["in_channels"] * vision["temporal_patch_size"] * vision["patch_size"] ** 2,
-                   vision["spatial_merge_size"], vision["window_size"] // vision["spatial_merge_size"] // vision["patch_size"],
-                   len(vision["fullatt_block_indexes"]))
+                   vision["spatial_merge_size"],
+                   vision.get("window_size", 0) // vision["spatial_merge_size"] // vision["patch_size"],
+                   len(vision.get("fullatt_block_indexes", range(vision["depth"]))))  # no windows: all full
 
 
 def shapes(name: str) -> Shapes:

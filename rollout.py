@@ -21,15 +21,18 @@ from model import full_state_items, prompt_tokens, render_prompt, row_images, to
 # temperature 1 must reproduce them, which is how a stale weight sync is caught (SPEC section 8).
 
 # The policy may emit text tokens and end its turn, nothing else: a sampled <|image_pad|> would make
-# the training batch's image tokens outnumber the image features. Qwen's embedding rows past the
-# tokenizer (151665..vocab_size-1) are padding and are excluded too.
-ALLOWED_SPECIAL = {151643, 151645, *range(151657, 151665)}  # end of text/turn, <tool_call>, <|fim_*|>, ...
-ALLOWED_TOKEN_IDS = [*range(151643), *sorted(ALLOWED_SPECIAL)]
+# the training batch's image tokens outnumber the image features. The embedding rows past the
+# tokenizer are padding and are excluded too.
+END_IDS = {151643, 151645}  # <|endoftext|>, <|im_end|>
 
 
-def blocked_token_ids(vocab_size: int) -> list[int]:
-    """The ids the policy may not emit: the complement of ALLOWED_TOKEN_IDS (~290 of ~152k)."""
-    return [t for t in range(151643, vocab_size) if t not in ALLOWED_SPECIAL]
+def blocked_token_ids(tokenizer, vocab_size: int) -> list[int]:
+    """The ids the policy may not emit (~280 of ~152k): the tokenizer's special tokens but the two that
+    end a turn, and the embedding rows past the tokenizer. Text and the added tokens that are not
+    special stay open (<tool_call>, <|fim_*|>; Qwen3's <think>, </think>, <tool_response>): Qwen2.5-VL
+    blocks 151644, 151646..151656 and 151665 on; Qwen3-VL the same specials and 151669 on."""
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return sorted((special - END_IDS) | set(range(len(tokenizer), vocab_size)))
 
 
 @dataclass
@@ -100,7 +103,8 @@ class VLLMEngine:
         # deep-copies each request's parameters and builds each sample's mask from the list, ~20 ms
         # each on CPU (1.9x the time of 128 rows x 4 samples). Same logits, same samples.
         vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
-        self.logit_bias = dict.fromkeys(blocked_token_ids(vocab_size), float("-inf"))
+        blocked = blocked_token_ids(processor.tokenizer, vocab_size)
+        self.logit_bias = dict.fromkeys(blocked, float("-inf"))
 
     def cannot_run(self, row: dict) -> str | None:
         """Why vLLM would refuse this row, or None: what its input validation rejects (a prompt with no
@@ -183,7 +187,7 @@ class HFEngine:
 
     def __init__(self, model, processor):
         self.model, self.processor = model, processor
-        self.suppress = blocked_token_ids(model.config.text_config.vocab_size)
+        self.suppress = blocked_token_ids(processor.tokenizer, model.config.text_config.vocab_size)
 
     def cannot_run(self, row: dict) -> str | None:
         return None  # transformers takes any prompt and any number of images

@@ -8,7 +8,7 @@ Both sides, each in its own fresh process on this machine: the tiny model (`mode
 real Qwen2.5-VL architecture and tokenizer, fp32), the toy data (`curate.py toy`, one image per
 row), the recipe's prompt (model.build_messages), 8 prompts x 8 completions per step, exactly 64
 completion tokens (end-of-turn tokens are never sampled, so every completion has the same length;
-both samplers are also restricted to rollout.ALLOWED_TOKEN_IDS), one AdamW update per step with
+both samplers are also restricted to what rollout.blocked_token_ids leaves open), one AdamW update per step with
 grpo.py's defaults (lr 1e-6, betas (0.9, 0.999), weight decay 0.01, clip 1.0), KL coefficient
 0.01 to the frozen initial model, clip 0.2, token mean within each micro-batch (ours
 token-microbatch, TRL's loss_type "bnpo"), fp32 weights and compute (bf16 compute on fp32 master
@@ -88,7 +88,10 @@ def allowed_token_ids() -> list[int]:
     sys.path.insert(0, str(ROOT))
     import rollout
 
-    return [t for t in rollout.ALLOWED_TOKEN_IDS if t not in EOS]
+    import model
+
+    blocked = set(rollout.blocked_token_ids(model.load_processor(model.resolve_model("tiny")).tokenizer, 151936))
+    return [t for t in range(151936) if t not in blocked and t not in EOS]
 
 
 # ---- the two workers, each run in a child process ----
@@ -98,7 +101,7 @@ def run_ours(args) -> None:
     sys.path.insert(0, str(ROOT))
     import rollout
 
-    rollout.ALLOWED_SPECIAL = rollout.ALLOWED_SPECIAL - set(EOS)  # what blocked_token_ids leaves open
+    rollout.END_IDS = rollout.END_IDS - set(EOS)  # what blocked_token_ids leaves open
     import grpo
 
     grpo.main(["--model", "tiny", "--data", args.data, "--rollout", "vllm", "--vllm-dtype", "float32",

@@ -71,6 +71,14 @@ def tiny_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def qwen3_path() -> str:
+    """The tiny Qwen3-VL (tiny.py): the second model family."""
+    import model
+
+    return model.resolve_model("tiny-qwen3-vl")
+
+
+@pytest.fixture(scope="session")
 def processor(tiny_path):
     import model
 

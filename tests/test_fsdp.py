@@ -2,11 +2,14 @@
 bit-identical to one process."""
 import json
 
+import pytest
+
 from conftest import run_script
 
 
-def test_fsdp2_two_ranks_bit_identical_to_one_process(tiny_path, tmp_path):
-    proc = run_script("tests/fsdp_worker.py", [tiny_path, str(tmp_path)], ranks=2)
+@pytest.mark.parametrize("family", ["tiny_path", "qwen3_path"])  # Qwen2.5-VL, Qwen3-VL (DeepStack)
+def test_fsdp2_two_ranks_bit_identical_to_one_process(family, request, tmp_path):
+    proc = run_script("tests/fsdp_worker.py", [request.getfixturevalue(family), str(tmp_path)], ranks=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads((tmp_path / "result.json").read_text())
     print(result)

@@ -104,6 +104,31 @@ def test_sequences_sharing_a_prompt_share_its_pixels(tiny_model, processor, rows
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_qwen3_vl_logprobs_match_transformers(qwen3_path, rows):
+    """The second family through the same code: chunked log-probs (padded and packed) equal the full
+    logits of transformers' own forward, gradients included (DeepStack's mergers too), and a group's
+    shared prompt gives the same numbers as copies."""
+    m, processor = model.load_model(qwen3_path), model.load_processor(qwen3_path)
+    batch = model.build_batch(processor, rows, completions_for(rows))
+    params = [m.lm_head.weight, m.model.visual.patch_embed.proj.weight,
+              m.model.visual.deepstack_merger_list[0].linear_fc2.weight]
+    naive = naive_logprobs(m, batch)
+    naive_grads = torch.autograd.grad(naive.sum(), params)
+    assert all(g.abs().sum() > 0 for g in naive_grads)
+    for b in (batch, model.pack(m, batch)):
+        ours = model.token_logprobs(m, b, chunk_tokens=7)
+        grads = torch.autograd.grad(ours.sum(), params)
+        torch.testing.assert_close(ours[b["completion_mask"]], naive[batch["completion_mask"]], atol=1e-5, rtol=0)
+        for a, g in zip(grads, naive_grads):
+            torch.testing.assert_close(a, g, atol=1e-5, rtol=1e-4)
+    encoded = model.encode_prompt(processor, rows[1])  # two images, shared by three sequences
+    shared = model.collate([encoded] * 3, completions_for(rows), processor.tokenizer.pad_token_id)
+    copies = model.collate([dict(encoded) for _ in range(3)], completions_for(rows), processor.tokenizer.pad_token_id)
+    assert "image_index" in shared
+    torch.testing.assert_close(model.token_logprobs(m, model.pack(m, shared)),
+                               model.token_logprobs(m, model.pack(m, copies)), atol=1e-5, rtol=0)
+
+
 def test_update_logprobs_are_the_old_ones(tiny_path, processor, rows):
     """grpo.py's on-policy shortcut (one update per step: old log-probs = the update's own, detached)
     holds only if train mode, gradient checkpointing and autograd change no value: bit for bit."""

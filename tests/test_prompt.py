@@ -47,6 +47,22 @@ def test_golden_prompts(processor):
         assert model.render_prompt(processor, row) == golden
 
 
+def test_qwen3_vl_template_and_golden_prompts(qwen3_path):
+    """Qwen3-VL's own template (the hub's, byte for byte): the recipe's user turn unchanged, and no
+    default system message; the Qwen3 tokenizer reads <think> as one token."""
+    import hashlib
+
+    import tiny
+
+    assert hashlib.sha256(tiny.QWEN3_VL_CHAT_TEMPLATE.encode()).hexdigest().startswith("3636d0f0bd6bef02")
+    processor = model.load_processor(qwen3_path)
+    for row, golden in zip(make_rows(), GOLDEN):
+        assert model.render_prompt(processor, row) == golden.replace("<|im_start|>system\nYou are a helpful assistant."
+                                                                     "<|im_end|>\n", "")
+    tok = processor.tokenizer
+    assert len(tok) == 151669 and tok("<think>")["input_ids"] == [151667] and tok.eos_token == "<|im_end|>"
+
+
 def test_messages_structure():
     image_row, two_images, text_row = make_rows()
     assert [c["type"] for c in model.build_messages(two_images)[0]["content"]] == ["image", "image", "text"]
