@@ -166,6 +166,8 @@ def param_counts(s: Shapes) -> dict[str, int]:
 
 def vision_attention_spans(s: Shapes, t: int, h: int, w: int) -> tuple[int, int]:
     """(sum of squared full-attention spans, sum of squared window spans) of one image, in patches."""
+    if not s.window:  # no windowed blocks (Qwen3-VL)
+        return t * (h * w) ** 2, 0
     mh, mw, m2 = h // s.merge, w // s.merge, s.merge ** 2
     rows = [min(s.window, mh - i) for i in range(0, mh, s.window)]
     cols = [min(s.window, mw - j) for j in range(0, mw, s.window)]

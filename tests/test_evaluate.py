@@ -1,11 +1,13 @@
 """evaluate.py: scoring on scripted completions, the tiny model end to end, resuming after a kill,
-rows longer than the context. Two runs' checkpoints (SFT, GRPO) in one table: tests/test_demo.py."""
+rows longer than the context (tensor parallel 2), one table over commands, Qwen3-VL from GRPO to
+evaluation. Two runs' checkpoints (SFT, GRPO) in one table: tests/test_demo.py."""
 import json
 from pathlib import Path
 
 import pytest
 
 import evaluate
+import model
 from conftest import kill_when, make_eval_rows, run_script
 
 
@@ -116,3 +118,22 @@ def test_models_evaluated_one_command_each_share_one_table(tiny_path, eval_data,
     fewer = evaluate_cli(["--model", "tiny", "--limit", "1"] + common)
     assert fewer.returncode == 0, fewer.stderr[-3000:]
     assert f"| {tiny_path} |" not in (tmp_path / "table.md").read_text()
+
+
+def test_qwen3_vl_grpo_then_evaluate_its_checkpoint(qwen3_path, toy_data, eval_data, tmp_path):
+    """The second family end to end: two GRPO steps with vLLM rollouts and weight syncs (the canary
+    holds), a checkpoint that plain transformers loads, and evaluate.py scoring it through vLLM."""
+    run = run_script("grpo.py", ["--model", qwen3_path, "--data", toy_data, "--max-steps", "2", "--prompts-per-step", "4",
+                                 "--group-size", "2", "--mini-batch", "2", "--micro-batch", "4",
+                                 "--max-response-tokens", "12", "--lr", "1e-3", "--vllm-dtype", "float32",
+                                 "--out", str(tmp_path / "grpo")])
+    assert run.returncode == 0, run.stderr[-5000:]
+    metrics = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["canary_max"] < 1e-3 for m in metrics)
+    saved = tmp_path / "grpo" / "checkpoints" / "step_000002"
+    assert type(model.load_model(str(saved))).__name__ == "Qwen3VLForConditionalGeneration"
+    scored = evaluate_cli(["--model", str(tmp_path / "grpo"), "--data", eval_data, "--limit", "1",
+                           "--max-new-tokens", "8", "--vllm-dtype", "float32", "--out", str(tmp_path / "eval")])
+    assert scored.returncode == 0, scored.stderr[-5000:]
+    summary = json.loads(next((tmp_path / "eval").glob("*/summary.json")).read_text())
+    assert "step_000002" in summary["checkpoint"] and summary["mean"]["Avg."]["rows"] == 6

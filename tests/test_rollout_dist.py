@@ -1,11 +1,14 @@
 """The rollout engine under real torchrun (2 gloo ranks): sharded policy, per-rank engines, sync."""
 import json
 
+import pytest
+
 from conftest import run_script
 
 
-def test_two_ranks_sync_their_own_engines(tiny_path, tmp_path):
-    proc = run_script("tests/rollout_worker.py", [tiny_path, str(tmp_path)], ranks=2)
+@pytest.mark.parametrize("family", ["tiny_path", "qwen3_path"])  # Qwen2.5-VL, Qwen3-VL
+def test_two_ranks_sync_their_own_engines(family, request, tmp_path):
+    proc = run_script("tests/rollout_worker.py", [request.getfixturevalue(family), str(tmp_path)], ranks=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     for rank, n_rows in ((0, 2), (1, 1)):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
