@@ -1,10 +1,14 @@
 """What the stages share about the model: loading, the prompt, batches, log-probs, distributed
 set-up and FSDP2.
 
-- Models: `qwen2.5-vl-3b|7b|32b` are the Qwen2.5-VL-Instruct checkpoints; any local directory or hub
-  id works too. `tiny` is a small random-initialised model with the real Qwen2.5-VL architecture
-  and the real Qwen2.5 tokenizer, rebuilt offline (tiny.py) and cached on disk, for CPU tests and
-  the demo.
+- Models: `qwen2.5-vl-3b|7b|32b` and `qwen3-vl-2b|4b|8b|32b` are the Instruct checkpoints; any local
+  directory or hub id works too. `tiny` (Qwen2.5-VL) and `tiny-qwen3-vl` are small random-initialised
+  models with the real architecture, tokenizer and chat template, rebuilt offline (tiny.py) and
+  cached on disk, for CPU tests and the demo. The two families run through the same code: what a
+  family must provide is read from its checkpoint (the classes FSDP2 shards: `_no_split_modules`;
+  the chat template; the tokenizer's special tokens, which the rollout engine blocks) and from
+  transformers' model interface (`model.visual`, `get_rope_index`, `mm_encoder_outputs`); the
+  per-family code is `_blank_image_features` (DeepStack) and tiny.py's builders.
 - Prompt: `build_messages(row)` is the recipe's single user turn (SPEC.md section 3), used
   unchanged by curation, SFT, RL and evaluation.
 - Batches are prompt + completion, right-padded, with the image tensors and `mm_token_type_ids`
