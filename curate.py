@@ -246,7 +246,8 @@ def passcount(args) -> None:
 
         def count(share: list[dict], positions: list[int]) -> list[dict]:
             # each row's seed depends on its position only: the same counts on 1 or 8 ranks
-            outputs = engine.generate(share, n=args.samples, temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens,
+            outputs = engine.generate(share, n=args.samples, temperature=1.0, top_p=1.0,
+                                      max_new_tokens=args.max_new_tokens,
                                       seed=rollout.request_seeds(args.seed, positions, args.samples))
             return [{"pass_count": sum(R.is_correct(c.text, row) for c in group)} for row, group in zip(share, outputs)]
 

@@ -183,7 +183,7 @@ def evaluate_each(argv: list[str], args) -> None:
         raise SystemExit("under torchrun, evaluate one --model per command (a loop of commands, README: Evaluation); "
                          "their table in --out combines them")
     # a one-rank group this process may have made (tests call main in-process) is not the child's
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {k: v for k, v in os.environ.items() if k not in M.ONE_RANK_ENV}
     for name in args.model:
         print(f"== {name}", flush=True)
         done = subprocess.run([sys.executable, str(Path(__file__).resolve())] + argv + ["--model", name], env=env)

@@ -245,7 +245,8 @@ def pack(model, batch: dict) -> dict:
     packed = {k: batch[k][keep][None] for k in ("input_ids", "mm_token_type_ids", "completion_mask")}  # (1, N)
     packed["position_ids"] = torch.cat([text[keep][None], rope[:, keep]])[:, None]  # (4, 1, N)
     packed["seq_lens"] = keep.sum(1)                                               # (B,)
-    packed.update({k: batch[k] for k in ("pixel_values", "image_grid_thw", "image_index", "pixel_grid_thw") if k in batch})
+    images = ("pixel_values", "image_grid_thw", "image_index", "pixel_grid_thw")
+    packed.update({k: batch[k] for k in images if k in batch})
     return packed
 
 
@@ -425,6 +426,9 @@ def token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_tokens: i
 
 # ---- distributed: one init/cleanup pair, FSDP2 ----
 
+ONE_RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what a one-rank group sets
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world_size, device). Under torchrun: its env. Under plain python: a one-rank group, so
     the same FSDP2 code path runs everywhere. NCCL with one GPU per rank, else gloo on CPU."""
@@ -433,7 +437,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            os.environ.update(dict(zip(ONE_RANK_ENV, ("0", "0", "1", "127.0.0.1", str(port)))))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         # NCCL for GPU tensors, gloo for the small CPU tensors and objects the stages exchange

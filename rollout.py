@@ -114,7 +114,9 @@ class VLLMEngine:
         if len(row.get("images") or []) > self.max_images:
             return f"{len(row['images'])} images, the engine takes {self.max_images}"
         n = prompt_tokens(self.processor, row)
-        return f"a prompt of {n} tokens leaves no room in the context of {self.max_model_len}" if n >= self.max_model_len else None
+        if n >= self.max_model_len:
+            return f"a prompt of {n} tokens leaves no room in the context of {self.max_model_len}"
+        return None
 
     def generate(self, rows: list[dict], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  max_new_tokens: int = 4096, seed: int | list[int] | None = None) -> list[list[Completion]]:
