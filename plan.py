@@ -11,13 +11,14 @@ What is counted, per GPU (B sequences of T tokens per micro-batch, P parameters,
   policy     fp32 master weights, gradients (update phase only: set to None after each step) and
              AdamW's m and v, all FSDP2-sharded: 4P/W each, 8P/W for m and v.
   gathered   FSDP2's unsharded units in the compute dtype during forward/backward: the root unit
-             (embeddings, lm_head, final norm, the vision merger) stays gathered for the whole
+             (embeddings, lm_head, final norm, the vision mergers) stays gathered for the whole
              micro-batch, with its unsharded gradient and that gradient's fp32 copy for the
              reduce-scatter; plus two blocks (the current one and the prefetched next).
-  activations with gradient checkpointing: every decoder layer's and vision block's input (B*T*H),
-             one layer's recomputed activations (per token: c*(13H + 4Hkv + 6I) + 8H bytes, c the
-             compute dtype's size: norms, q/k/v, RoPE copies, attention output, SwiGLU's four
-             I-wide tensors, their gradients; RMSNorm computes in fp32), the boolean causal mask
+  activations with gradient checkpointing: every decoder layer's and vision block's input (B*T*H;
+             Qwen3-VL: and the DeepStack features), one layer's recomputed activations (per token:
+             c*(9H + 4A + 4Hkv + 6I) + 8H bytes, A = heads x head_dim, c the compute dtype's size:
+             norms, q/k/v, RoPE copies, attention output, SwiGLU's four I-wide tensors, their
+             gradients; Qwen3's q/k norms add A + Hkv; RMSNorm computes in fp32), the boolean causal mask
              (B*T*T) and one chunk of the log-prob head (chunk x vocab x (4 + c) bytes, 4 in fp32:
              model.LinearLogprobs' backward holds one buffer of fp32 logits, turned in place into
              their gradient, and that gradient's copy in a compute dtype below fp32; below fp32 also
@@ -51,11 +52,16 @@ import torch
 
 import model as M
 
-# The three checkpoints the recipe trains, so that planning needs no download: the `config.json`
-# of Qwen/Qwen2.5-VL-{3B,7B,32B}-Instruct (text part, vision_config). tests/test_plan.py builds the
-# models from these on the meta device and checks the parameter counts against them.
+# The checkpoints the recipe trains, and Qwen3-VL's, so that planning needs no download: the
+# `config.json` of Qwen/Qwen2.5-VL-{3B,7B,32B}-Instruct and Qwen/Qwen3-VL-{2B,4B,8B,32B}-Instruct
+# (text part, vision_config). tests/test_plan.py builds the models from these on the meta device and
+# checks the parameter counts against them. Qwen3-VL's text part has head_dim 128 whatever the width.
 _VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, temporal_patch_size=2,
                in_channels=3, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+_Q3 = dict(family="qwen3-vl", num_key_value_heads=8, head_dim=128, vocab_size=151936)
+_Q3_VISION_S = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16, temporal_patch_size=2,
+                    in_channels=3, spatial_merge_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17])
+_Q3_VISION_L = dict(_Q3_VISION_S, depth=27, hidden_size=1152, intermediate_size=4304, deepstack_visual_indexes=[8, 16, 24])
 SHAPES = {
     "Qwen/Qwen2.5-VL-3B-Instruct": dict(
         hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
@@ -66,7 +72,20 @@ SHAPES = {
     "Qwen/Qwen2.5-VL-32B-Instruct": dict(
         hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
         vocab_size=152064, tie_word_embeddings=False, vision=dict(_VISION, intermediate_size=3456, out_hidden_size=5120)),
+    "Qwen/Qwen3-VL-2B-Instruct": dict(
+        _Q3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+        tie_word_embeddings=True, vision=dict(_Q3_VISION_S, out_hidden_size=2048)),
+    "Qwen/Qwen3-VL-4B-Instruct": dict(
+        _Q3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+        tie_word_embeddings=True, vision=dict(_Q3_VISION_S, out_hidden_size=2560)),
+    "Qwen/Qwen3-VL-8B-Instruct": dict(
+        _Q3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        tie_word_embeddings=False, vision=dict(_Q3_VISION_L, out_hidden_size=4096)),
+    "Qwen/Qwen3-VL-32B-Instruct": dict(
+        _Q3, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
+        tie_word_embeddings=False, vision=dict(_Q3_VISION_L, out_hidden_size=5120)),
 }
+FAMILIES = {"qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}  # config.model_type -> what the planner counts
 
 GiB = 2 ** 30
 RESERVE_GIB = 4.0         # CUDA context (~0.5), NCCL buffers (~1), allocator fragmentation
@@ -80,7 +99,11 @@ PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H20
 
 @dataclass
 class Shapes:
-    """What the planner and the FLOP count need of a Qwen2.5-VL config."""
+    """What the planner and the FLOP count need of a Qwen2.5-VL or Qwen3-VL config. The families
+    differ here in: Qwen3's q/k norms (no q/k/v biases) and head_dim 128 whatever the width; its
+    vision tower's LayerNorms (with biases), two-matrix GELU MLP, learned position grid and full
+    attention in every block (Qwen2.5-VL: RMSNorms, SwiGLU, windows); and DeepStack, one more patch
+    merger per vision layer whose features are added into the early decoder layers."""
     hidden: int
     intermediate: int
     layers: int
@@ -95,11 +118,18 @@ class Shapes:
     v_out: int
     patch_dim: int        # in_channels * temporal_patch_size * patch_size^2: one patch's pixels
     merge: int            # spatial_merge_size
-    window: int           # the vision window's side in merged tokens
+    window: int           # the vision window's side in merged tokens (0: no windows)
     v_full_blocks: int    # vision blocks with full (not windowed) attention
+    family: str = "qwen2.5-vl"
+    v_positions: int = 0  # Qwen3-VL: the learned position grid's entries
+    deepstack: int = 0    # Qwen3-VL: DeepStack mergers (vision layers feeding the decoder)
+
+    @property
+    def v_mlp_mats(self) -> int:
+        return 2 if self.family == "qwen3-vl" else 3  # GELU fc1/fc2, or SwiGLU gate/up/down
 
     @classmethod
-    def from_dict(cls, text: dict, vision: dict, tied: bool) -> "Shapes":
+    def from_dict(cls, text: dict, vision: dict, tied: bool, family: str = "qwen2.5-vl") -> "Shapes":
         heads = text["num_attention_heads"]
         return cls(text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"], heads,
                    text["num_key_value_heads"], text.get("head_dim") or text["hidden_size"] // heads,
@@ -107,7 +137,8 @@ class Shapes:
                    vision["out_hidden_size"], vision["in_channels"] * vision["temporal_patch_size"] * vision["patch_size"] ** 2,
                    vision["spatial_merge_size"],
                    vision.get("window_size", 0) // vision["spatial_merge_size"] // vision["patch_size"],
-                   len(vision.get("fullatt_block_indexes", range(vision["depth"]))))  # no windows: all full
+                   len(vision.get("fullatt_block_indexes", range(vision["depth"]))),  # no windows: all full
+                   family, vision.get("num_position_embeddings", 0), len(vision.get("deepstack_visual_indexes", [])))
 
 
 def shapes(name: str) -> Shapes:
@@ -116,29 +147,37 @@ def shapes(name: str) -> Shapes:
     hub_id = M.MODEL_ALIASES.get(name, name)
     if hub_id in SHAPES:
         table = SHAPES[hub_id]
-        return Shapes.from_dict(table, table["vision"], table["tie_word_embeddings"])
+        return Shapes.from_dict(table, table["vision"], table["tie_word_embeddings"], table.get("family", "qwen2.5-vl"))
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(M.resolve_model(name))
     except OSError as e:
         raise SystemExit(f"--plan: no config for {name!r} ({e}); use a local checkpoint or one of {sorted(SHAPES)}")
-    return Shapes.from_dict(config.text_config.to_dict(), config.vision_config.to_dict(), bool(config.tie_word_embeddings))
+    if config.model_type not in FAMILIES:
+        raise SystemExit(f"--plan: {name!r} is a {config.model_type} model; the planner counts {sorted(FAMILIES)}")
+    return Shapes.from_dict(config.text_config.to_dict(), config.vision_config.to_dict(), bool(config.tie_word_embeddings),
+                            FAMILIES[config.model_type])
 
 
 # ---- parameter counts ----
 
 def param_counts(s: Shapes) -> dict[str, int]:
-    """Exact parameter counts of Qwen2_5_VLForConditionalGeneration: the decoder layers, the vision
-    blocks, and the root unit of model.shard_model (everything else: embeddings, lm_head, norm,
-    patch embedding, merger)."""
-    kv = s.kv_heads * s.head_dim
-    layer = s.hidden * (s.heads * s.head_dim) + s.heads * s.head_dim + 2 * (s.hidden * kv + kv) \
-        + s.heads * s.head_dim * s.hidden + 3 * s.hidden * s.intermediate + 2 * s.hidden      # q,k,v (+bias), o, MLP, 2 norms
-    vh, vi = s.v_hidden, s.v_intermediate
-    block = vh * 3 * vh + 3 * vh + vh * vh + vh + 2 * (vh * vi + vi) + vi * vh + vh + 2 * vh    # qkv, proj, gate/up/down, norms
-    merged = vh * s.merge ** 2
-    vision_root = s.patch_dim * vh + vh + merged * merged + merged + merged * s.v_out + s.v_out  # patch embed; merger
+    """Exact parameter counts of Qwen2_5_VL- / Qwen3VLForConditionalGeneration: the decoder layers,
+    the vision blocks, and the root unit of model.shard_model (everything else: embeddings, lm_head,
+    norm, patch embedding, position grid, mergers)."""
+    q3 = s.family == "qwen3-vl"
+    attn, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    layer = s.hidden * (attn + 2 * kv) + attn * s.hidden + 3 * s.hidden * s.intermediate + 2 * s.hidden  # q,k,v,o, MLP, norms
+    layer += 2 * s.head_dim if q3 else attn + 2 * kv                 # Qwen3: q/k norms; Qwen2.5: q/k/v biases
+    vh, vi, m = s.v_hidden, s.v_intermediate, s.v_hidden * s.merge ** 2
+    mlp = 2 * vh * vi + vi + vh if q3 else 3 * vh * vi + 2 * vi + vh  # fc1/fc2 or gate/up/down, with biases
+    block = vh * 3 * vh + 3 * vh + vh * vh + vh + mlp + (4 if q3 else 2) * vh  # qkv, proj; 2 LayerNorms / RMSNorms
+    merger = m * m + m + m * s.v_out + s.v_out                       # two linear layers on merged tokens
+    if q3:  # patch embedding (with bias), position grid, merger (LayerNorm), DeepStack mergers (LayerNorm on merged)
+        vision_root = s.patch_dim * vh + vh + s.v_positions * vh + merger + 2 * vh + s.deepstack * (merger + 2 * m)
+    else:   # patch embedding, merger (RMSNorm)
+        vision_root = s.patch_dim * vh + merger + vh
     root = s.vocab * s.hidden * (1 if s.tied else 2) + s.hidden + vision_root  # embeddings, lm_head unless tied, norm
     return {"total": s.layers * layer + s.v_depth * block + root, "vision": s.v_depth * block + vision_root,
             "layer": layer, "block": block, "root": root}
@@ -155,11 +194,13 @@ def param_counts(s: Shapes) -> dict[str, int]:
 #               causal mask's half is not subtracted)
 #   lm_head     6 * H * V * n
 #   vision, per image of p = t*h*w patches, on the vision tower's own tokens (before merging):
-#               6 * depth * (4*vh^2 + 3*vh*vi) * p                    (qkv, proj; gate, up, down)
+#               6 * depth * (4*vh^2 + k*vh*vi) * p    (qkv, proj; MLP: k = 3 gate, up, down; Qwen3-VL k = 2)
 #             + 12 * vh * (full_blocks * t*(h*w)^2 + windowed_blocks * t * sum over windows of w_len^2)
-#             + 6 * ((m^2*vh)^2 + m^2*vh*out) * p / m^2              (the patch merger, on merged tokens)
+#             + 6 * (1 + d) * ((m^2*vh)^2 + m^2*vh*out) * p / m^2   (the patch merger and Qwen3-VL's d
+#                                                                     DeepStack mergers, on merged tokens)
 #             + 4 * patch_dim * vh * p                                (patch embedding: no gradient for pixels)
-# Embedding lookups, norms, activations, RoPE, softmax and biases are not counted, nor is the
+# Embedding lookups, norms, activations, RoPE, softmax, biases, Qwen3-VL's position-grid
+# interpolation and DeepStack's additions are not counted, nor is the
 # recomputation that gradient checkpointing adds (it is hardware work, not model work): MFU is
 # the share of the device's peak spent on the model's own arithmetic. A forward-only pass (old
 # and reference log-probs) is a third of the training count.
@@ -187,7 +228,8 @@ def flops(s: Shapes, seq_lens: list[int], logit_tokens: int, image_grids: list[t
     for t, h, w in image_grids:
         p = t * h * w
         full, windowed = vision_attention_spans(s, t, h, w)
-        vision += 2 * s.v_depth * (4 * vh * vh + 3 * vh * vi) * p + 2 * (m2 * vh * m2 * vh + m2 * vh * s.v_out) * p / m2
+        vision += 2 * s.v_depth * (4 * vh * vh + s.v_mlp_mats * vh * vi) * p
+        vision += 2 * (1 + s.deepstack) * (m2 * vh * m2 * vh + m2 * vh * s.v_out) * p / m2
         vision += 4 * vh * (s.v_full_blocks * full + (s.v_depth - s.v_full_blocks) * windowed)
         embed += 2 * s.patch_dim * vh * p
     return (3 if backward else 1) * (lm + vision) + (2 if backward else 1) * embed
@@ -298,9 +340,11 @@ def kv_bytes_per_token(s: Shapes, dtype_bytes: int, tensor_parallel: int = 1) ->
     return 2 * s.layers * max(1, s.kv_heads // tensor_parallel) * s.head_dim * dtype_bytes
 
 
-def layer_activation_bytes(hidden: int, kv: int, intermediate: int, c: int) -> int:
-    """Bytes per token of one decoder layer's (or vision block's) activations during its backward."""
-    return c * (13 * hidden + 4 * kv + 6 * intermediate) + 8 * hidden
+def layer_activation_bytes(hidden: int, attn: int, kv: int, intermediate: int, c: int, qk_norm: bool = False) -> int:
+    """Bytes per token of one decoder layer's (or vision block's) activations during its backward:
+    attention-wide (heads x head_dim) q, its RoPE copy, the attention output and its gradient, and
+    with Qwen3's q/k norms one more q- and k-wide copy each."""
+    return c * (9 * hidden + 4 * attn + 4 * kv + 6 * intermediate + qk_norm * (attn + kv)) + 8 * hidden
 
 
 def forward_size(r: Run) -> tuple[int, int, int, int]:
@@ -322,13 +366,15 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
     tokens, image_tokens, logit_tokens, mask = forward_size(r)
     patches = image_tokens * s.merge ** 2
     # activations of one micro-batch
-    lm_layer = layer_activation_bytes(s.hidden, s.kv_heads * s.head_dim, s.intermediate, c)
-    v_block = layer_activation_bytes(s.v_hidden, s.v_hidden, s.v_intermediate, c)
-    if r.checkpointing:
-        saved = c * (s.layers * tokens * s.hidden + s.v_depth * patches * s.v_hidden)
+    lm_layer = layer_activation_bytes(s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.intermediate, c,
+                                      s.family == "qwen3-vl")
+    v_block = layer_activation_bytes(s.v_hidden, s.v_hidden, s.v_hidden, s.v_intermediate, c)  # SwiGLU's count: an upper bound for GELU
+    if r.checkpointing:  # plus the DeepStack features, held until their decoder layers have run backward
+        saved = c * (s.layers * tokens * s.hidden + s.v_depth * patches * s.v_hidden + s.deepstack * image_tokens * s.hidden)
         working = max(lm_layer * tokens, v_block * patches)
     else:
-        saved, working = s.layers * lm_layer * tokens + s.v_depth * v_block * patches, 0
+        saved = s.layers * lm_layer * tokens + s.v_depth * v_block * patches + c * s.deepstack * image_tokens * s.hidden
+        working = 0
     chunk = min(LOGPROB_CHUNK, logit_tokens)
     head = chunk * s.vocab * (4 + (c if c < 4 else 0))         # fp32 logits, their compute-dtype copy
     hidden = 2 * c * tokens * s.hidden + mask                   # final hidden states, their grad; bool mask

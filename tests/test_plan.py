@@ -19,21 +19,27 @@ import plan  # noqa: E402
 
 @pytest.mark.parametrize("hub_id", sorted(plan.SHAPES))
 def test_builtin_shapes_build_the_published_models(hub_id):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    import transformers
 
     table = plan.SHAPES[hub_id]
-    text = {k: v for k, v in table.items() if k not in ("vision", "tie_word_embeddings")}
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=table["vision"], tie_word_embeddings=table["tie_word_embeddings"])
+    qwen3 = table.get("family") == "qwen3-vl"
+    config_class, model_class = ((transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration) if qwen3 else
+                                 (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration))
+    text = {k: v for k, v in table.items() if k not in ("vision", "tie_word_embeddings", "family")}
+    config = config_class(text_config=text, vision_config=table["vision"], tie_word_embeddings=table["tie_word_embeddings"])
     with torch.device("meta"):
-        m = Qwen2_5_VLForConditionalGeneration(config)
+        m = model_class(config)
     counts = plan.param_counts(plan.shapes(hub_id))
     blocks = [*m.model.visual.blocks, *m.model.language_model.layers]
     assert counts["total"] == sum(p.numel() for p in m.parameters())       # tied weights counted once
     assert counts["vision"] == sum(p.numel() for p in m.model.visual.parameters())
     assert counts["layer"] == sum(p.numel() for p in m.model.language_model.layers[0].parameters())
     assert counts["root"] == counts["total"] - sum(p.numel() for b in blocks for p in b.parameters())
-    # the checkpoints' parameter counts as loaded by transformers (the hub's numParameters for 7B)
-    published = {"3B": 3_754_622_976, "7B": 8_292_166_656, "32B": 33_452_718_336}[hub_id.split("-")[-2]]
+    # the checkpoints' parameter counts as loaded by transformers (the hub's numParameters for Qwen2.5-VL-7B
+    # and Qwen3-VL-8B; the others agree with the hub's rounded sizes)
+    published = {"Qwen2.5-VL-3B": 3_754_622_976, "Qwen2.5-VL-7B": 8_292_166_656, "Qwen2.5-VL-32B": 33_452_718_336,
+                 "Qwen3-VL-2B": 2_127_532_032, "Qwen3-VL-4B": 4_437_815_808, "Qwen3-VL-8B": 8_767_123_696,
+                 "Qwen3-VL-32B": 33_357_390_064}[hub_id.split("/")[1].removesuffix("-Instruct")]
     assert counts["total"] == published
 
 
@@ -43,12 +49,42 @@ def test_tiny_shapes_come_from_its_config(tiny_path, tiny_model):
     assert counts["vision"] == sum(p.numel() for p in tiny_model.model.visual.parameters())
 
 
+def assert_flops_counted(m, shapes, batch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for backward in (False, True):
+        with FlopCounterMode(display=False) as counter:
+            logp = model.token_logprobs(m, batch)
+            if backward:
+                logp.sum().backward()
+        recompute = backward * 2 * shapes.hidden * shapes.vocab * int(batch["completion_mask"][:, 1:].sum())
+        assert plan.batch_flops(shapes, batch, backward) == pytest.approx(counter.get_total_flops() - recompute, rel=1e-9)
+
+
+def test_qwen3_vl_shapes_and_flops(qwen3_path):
+    """Qwen3-VL's tiny model: its parameters counted from its config (q/k norms, LayerNorms, the position
+    grid, the DeepStack merger), and the matmuls of its GELU vision MLP, full attention in every vision
+    block and the DeepStack merger as torch counts them."""
+    from transformers import AutoModelForImageTextToText
+
+    m = AutoModelForImageTextToText.from_pretrained(qwen3_path, attn_implementation="eager").train()
+    shapes = plan.shapes(qwen3_path)
+    assert (shapes.family, shapes.deepstack, shapes.window, shapes.v_mlp_mats) == ("qwen3-vl", 1, 0, 2)
+    counts = plan.param_counts(shapes)
+    assert counts["total"] == sum(p.numel() for p in m.parameters())
+    assert counts["vision"] == sum(p.numel() for p in m.model.visual.parameters())
+    rows = make_toy_rows(4)[:3:2]
+    rows[0]["images"], rows[1]["images"] = [make_image(7, (224, 160))], [make_image(8, (224, 160))]
+    batch = model.build_batch(model.load_processor(qwen3_path), rows, [[100 + i for i in range(25)], [300 + i for i in range(25)]])
+    assert batch["attention_mask"].all() and len(batch["image_grid_thw"]) == 2
+    assert_flops_counted(m, shapes, batch)
+
+
 def test_flops_equal_torch_flop_counter(tiny_path, processor):
     """plan.flops counts exactly the matmuls torch's FlopCounterMode sees in forward and backward
     (eager attention, so that attention runs as counted matmuls; no padding), less the log-prob
     head's recomputation of its logits in backward, which plan.flops leaves out like any
     recomputation."""
-    from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForImageTextToText
 
     m = AutoModelForImageTextToText.from_pretrained(tiny_path, attn_implementation="eager").train()
@@ -59,13 +95,7 @@ def test_flops_equal_torch_flop_counter(tiny_path, processor):
     # a 12 x 16 patch grid is 6 x 8 merged tokens: windows of 4 x 4, 4 x 4, 2 x 4, 2 x 4 (uneven edges)
     shapes = plan.shapes(tiny_path)
     assert plan.vision_attention_spans(shapes, 1, 12, 16) == ((12 * 16) ** 2, 2 * 64 ** 2 + 2 * 32 ** 2)
-    for backward in (False, True):
-        with FlopCounterMode(display=False) as counter:
-            logp = model.token_logprobs(m, batch)
-            if backward:
-                logp.sum().backward()
-        recompute = backward * 2 * shapes.hidden * shapes.vocab * int(batch["completion_mask"][:, 1:].sum())
-        assert plan.batch_flops(shapes, batch, backward) == pytest.approx(counter.get_total_flops() - recompute, rel=1e-9)
+    assert_flops_counted(m, shapes, batch)
     # padding is not counted: the same two rows padded in a batch with a longer third one
     padded = model.build_batch(processor, rows + [rows[0]], [[100] * 25, [300] * 25, [5] * 60])
     assert padded["input_ids"].shape[1] > batch["input_ids"].shape[1]
@@ -195,6 +225,11 @@ RECIPES = {  # the README's table: stage, model, GPUs, vLLM tensor parallel, mic
     "SFT 7B, 8 x 80 GiB": ("sft", "qwen2.5-vl-7b", 8, 1, 1),
     "SFT 32B, 8 x 80 GiB": ("sft", "qwen2.5-vl-32b", 8, 1, 1),
     "SFT 32B, 4 x 8 x 80 GiB": ("sft", "qwen2.5-vl-32b", 32, 1, 1),
+    "GRPO Qwen3-VL 4B, 8 x 80 GiB": ("grpo", "qwen3-vl-4b", 8, 2, 32),  # the recipe's flags on Qwen3-VL
+    "GRPO Qwen3-VL 8B, 8 x 80 GiB": ("grpo", "qwen3-vl-8b", 8, 2, 32),
+    "GRPO Qwen3-VL 32B, 4 x 8 x 80 GiB": ("grpo", "qwen3-vl-32b", 32, 4, 16),
+    "SFT Qwen3-VL 8B, 8 x 80 GiB": ("sft", "qwen3-vl-8b", 8, 1, 1),
+    "SFT Qwen3-VL 32B, 4 x 8 x 80 GiB": ("sft", "qwen3-vl-32b", 32, 1, 1),
 }
 
 
@@ -238,6 +273,7 @@ def test_recipe_plans_are_sane_and_match_the_readme():
     # every recipe model fits 80 GiB GPUs with the default token budget; 32 unsplit sequences do not
     assert fits["GRPO 3B, 8 x 80 GiB"] and fits["GRPO 32B, 4 x 8 x 80 GiB"]
     assert not fits["GRPO 7B, 8 x 80 GiB, --max-tokens-per-forward 0"]
+    assert all(fit for label, fit in fits.items() if "Qwen3-VL" in label)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["worker"]:
