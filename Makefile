@@ -33,8 +33,10 @@ test: env
 # SFT learns from an imperfect teacher's traces (data/sft: it calls H&E "Congo red" 3 times in 5);
 # pass counts of the SFT model keep the rows it is unsure of (the recipe's difficulty filter); GRPO's
 # reward uses the true labels. Outputs under $(DEMO)/; the closing table is $(DEMO)/report.md.
-# `make demo DEMO_GRPO_STEPS=8` and the like shrink it.
-DEMO ?= runs/demo
+# `make demo DEMO_GRPO_STEPS=8` and the like shrink it; `make demo MODEL=tiny-qwen3-vl` runs it on the
+# tiny Qwen3-VL (outputs under runs/demo-tiny-qwen3-vl/).
+MODEL ?= tiny
+DEMO ?= runs/demo$(if $(filter-out tiny,$(MODEL)),-$(MODEL))
 DEMO_TRAIN ?= 512
 DEMO_TEST ?= 128
 DEMO_GRPO_STEPS ?= 12
@@ -52,7 +54,7 @@ demo: env
 	@echo "== 1/7 toy data: stained tissue tiles; the stain (H&E, trichrome, Congo red, silver) shows in the image only"
 	$(RUN) curate.py toy --out $(DEMO)/data --train $(DEMO_TRAIN) --test $(DEMO_TEST)
 	@echo "== 2/7 SFT on the imperfect teacher's traces: the answer format, the stains, and the teacher's H&E mistake"
-	$(RUN) sft.py --model tiny --data $(DEMO)/data/sft $(DEMO_SFT) --out $(DEMO)/sft
+	$(RUN) sft.py --model $(MODEL) --data $(DEMO)/data/sft $(DEMO_SFT) --out $(DEMO)/sft
 	@echo "== 3/7 evaluate the SFT model on the test split (greedy)"
 	$(RUN) evaluate.py --model $(DEMO)/sft --data $(DEMO)/data/test --vllm-dtype float32 --max-new-tokens 64 --out $(DEMO)/eval-sft
 	@echo "== 4/7 pass counts of the SFT model on the training rows; keep those it sometimes fails"

@@ -160,6 +160,19 @@ def shapes(name: str) -> Shapes:
                             FAMILIES[config.model_type])
 
 
+def builtin_config(hub_id: str):
+    """(transformers config, model class) of a built-in shape: build it on the meta device to count its
+    parameters, or for real to write a random checkpoint of that shape."""
+    import transformers
+
+    table = SHAPES[hub_id]
+    prefix = "Qwen3VL" if table.get("family") == "qwen3-vl" else "Qwen2_5_VL"
+    text = {k: v for k, v in table.items() if k not in ("vision", "tie_word_embeddings", "family")}
+    config = getattr(transformers, prefix + "Config")(text_config=text, vision_config=table["vision"],
+                                                      tie_word_embeddings=table["tie_word_embeddings"])
+    return config, getattr(transformers, prefix + "ForConditionalGeneration")
+
+
 # ---- parameter counts ----
 
 def param_counts(s: Shapes) -> dict[str, int]:

@@ -36,24 +36,19 @@ import plan as P  # noqa: E402
 
 
 def random_checkpoint(name: str) -> str:
-    """A checkpoint with `name`'s shapes and random weights (rank 0 writes it once); `tiny` as it is."""
+    """A checkpoint with `name`'s shapes and random weights (rank 0 writes it once); a tiny model as it is."""
     import torch.distributed as dist
 
-    if name == "tiny":
-        return M.resolve_model("tiny")
+    if name in M.TINY:
+        return M.resolve_model(name)
     hub_id = M.MODEL_ALIASES.get(name, name)
     if hub_id not in P.SHAPES:
-        raise SystemExit(f"--model: one of tiny, {', '.join(M.MODEL_ALIASES)} (shapes from plan.SHAPES)")
+        raise SystemExit(f"--model: one of {', '.join([*M.TINY, *M.MODEL_ALIASES])} (shapes from plan.SHAPES)")
     path = M.CACHE_DIR / ("random-" + hub_id.split("/")[-1])
     if dist.get_rank() == 0 and not (path / "config.json").exists():
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-        table = P.SHAPES[hub_id]
-        text = {k: v for k, v in table.items() if k not in ("vision", "tie_word_embeddings")}
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=table["vision"],
-                                  tie_word_embeddings=table["tie_word_embeddings"])
+        config, model_class = P.builtin_config(hub_id)
         print(f"writing a random {hub_id}-shaped checkpoint to {path} (once)", flush=True)
-        Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(path)
+        model_class(config).to(torch.bfloat16).save_pretrained(path)
     dist.barrier()
     return str(path)
 
@@ -81,7 +76,7 @@ def random_batch(config, args, generator: torch.Generator) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="qwen2.5-vl-3b", help="tiny or a recipe alias (random weights of its shapes)")
+    p.add_argument("--model", default="qwen2.5-vl-3b", help="tiny, tiny-qwen3-vl or a recipe alias (random weights of its shapes)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
     p.add_argument("--seq-len", type=int, default=6144, help="tokens per sequence (2048 prompt + 4096 response)")
     p.add_argument("--image-tokens", type=int, default=1024, help="merged image tokens per sequence (4 patches each)")

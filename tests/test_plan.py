@@ -19,14 +19,7 @@ import plan  # noqa: E402
 
 @pytest.mark.parametrize("hub_id", sorted(plan.SHAPES))
 def test_builtin_shapes_build_the_published_models(hub_id):
-    import transformers
-
-    table = plan.SHAPES[hub_id]
-    qwen3 = table.get("family") == "qwen3-vl"
-    config_class, model_class = ((transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration) if qwen3 else
-                                 (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration))
-    text = {k: v for k, v in table.items() if k not in ("vision", "tie_word_embeddings", "family")}
-    config = config_class(text_config=text, vision_config=table["vision"], tie_word_embeddings=table["tie_word_embeddings"])
+    config, model_class = plan.builtin_config(hub_id)
     with torch.device("meta"):
         m = model_class(config)
     counts = plan.param_counts(plan.shapes(hub_id))
