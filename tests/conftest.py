@@ -15,6 +15,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 SCRIPT_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+# Files that take minutes, slowest first (measured with --durations): `make test`'s two workers take
+# whole files in collection order, so these start first and the short ones fill in at the end.
+SLOW_FIRST = ["test_demo.py", "test_evaluate.py", "test_sft.py", "test_grpo.py", "test_curate.py", "test_rollout.py",
+              "test_cluster.py", "test_rollout_dist.py", "test_model.py", "test_fsdp.py", "test_plan.py"]
+
+
+def pytest_collection_modifyitems(items):
+    order = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: a file's own order kept
+
+
 def run_script(script: str, args: list[str], ranks: int = 1, env: dict | None = None):
     """`python SCRIPT ARGS`, or under `torchrun --nproc_per_node RANKS`; output captured."""
     import subprocess

@@ -64,11 +64,7 @@ def test_two_steps_on_two_ranks_with_vllm(sft_tiny, toy_data, tmp_path):
     before, after = weights(model.Path(sft_tiny)), weights(out / "checkpoints" / "step_000002")
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, unchanged  # no weight decay: every tensor moved through its gradient
-    # the same run with right-padded forwards instead of packed ones
-    padded = grpo(flags + ["--out", str(tmp_path / "padded"), "--no-packing"], ranks=2)
-    assert padded.returncode == 0, padded.stdout[-3000:] + padded.stderr[-5000:]
     assert metrics[0]["kl"] > 0 and metrics[0]["grad_norm"] > 0  # the second update moved away from the reference
-    assert_same_update(metrics, metrics_of(tmp_path / "padded"))
 
 
 def test_kill_and_resume_is_bit_identical(sft_tiny, toy_data, tmp_path):
