@@ -125,8 +125,12 @@ class Shapes:
     deepstack: int = 0    # Qwen3-VL: DeepStack mergers (vision layers feeding the decoder)
 
     @property
+    def qwen3(self) -> bool:
+        return self.family == "qwen3-vl"
+
+    @property
     def v_mlp_mats(self) -> int:
-        return 2 if self.family == "qwen3-vl" else 3  # GELU fc1/fc2, or SwiGLU gate/up/down
+        return 2 if self.qwen3 else 3  # GELU fc1/fc2, or SwiGLU gate/up/down
 
     @classmethod
     def from_dict(cls, text: dict, vision: dict, tied: bool, family: str = "qwen2.5-vl") -> "Shapes":
@@ -179,7 +183,7 @@ def param_counts(s: Shapes) -> dict[str, int]:
     """Exact parameter counts of Qwen2_5_VL- / Qwen3VLForConditionalGeneration: the decoder layers,
     the vision blocks, and the root unit of model.shard_model (everything else: embeddings, lm_head,
     norm, patch embedding, position grid, mergers)."""
-    q3 = s.family == "qwen3-vl"
+    q3 = s.qwen3
     attn, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     layer = s.hidden * (attn + 2 * kv) + attn * s.hidden + 3 * s.hidden * s.intermediate + 2 * s.hidden  # q,k,v,o, MLP, norms
     layer += 2 * s.head_dim if q3 else attn + 2 * kv                 # Qwen3: q/k norms; Qwen2.5: q/k/v biases
@@ -379,8 +383,7 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
     tokens, image_tokens, logit_tokens, mask = forward_size(r)
     patches = image_tokens * s.merge ** 2
     # activations of one micro-batch
-    lm_layer = layer_activation_bytes(s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.intermediate, c,
-                                      s.family == "qwen3-vl")
+    lm_layer = layer_activation_bytes(s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.intermediate, c, s.qwen3)
     v_block = layer_activation_bytes(s.v_hidden, s.v_hidden, s.v_hidden, s.v_intermediate, c)  # SwiGLU's count: an upper bound for GELU
     if r.checkpointing:  # plus the DeepStack features, held until their decoder layers have run backward
         saved = c * (s.layers * tokens * s.hidden + s.v_depth * patches * s.v_hidden + s.deepstack * image_tokens * s.hidden)
