@@ -31,6 +31,7 @@ import json
 import os
 import random
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -292,10 +293,11 @@ def think_content(text: str) -> str | None:
     return text[start + len("<think>"):end].strip() if 0 <= start < end else None
 
 
-def api_complete(args, row: dict) -> list[str]:
+def api_complete(args, row: dict, stop: threading.Event) -> list[str] | None:
     """`samples` completions from an OpenAI-compatible chat endpoint, images as base64 PNG, with
     retries and exponential backoff; None when every try failed (the HTTP status or error is
-    printed). The key comes from the environment and is never printed."""
+    printed). The key comes from the environment and is never printed. `stop` is set by the first
+    auth error: requests that a worker picks up after it are never sent."""
     content = []
     for image in M.row_images(row):
         buffer = io.BytesIO()
@@ -309,12 +311,15 @@ def api_complete(args, row: dict) -> list[str]:
     if os.environ.get(args.api_key_env):
         headers["Authorization"] = "Bearer " + os.environ[args.api_key_env]
     for attempt in range(args.retries + 1):
+        if stop.is_set():
+            return None
         try:
             request = urllib.request.Request(args.api_base.rstrip("/") + "/chat/completions", body, headers)
             with urllib.request.urlopen(request, timeout=args.timeout) as response:
                 return [choice["message"]["content"] or "" for choice in json.load(response)["choices"]]
         except urllib.error.HTTPError as e:
             if e.code in (401, 403):  # a missing or wrong key fails every row alike: stop at once
+                stop.set()
                 raise SystemExit(f"teacher endpoint {args.api_base}: HTTP {e.code} {e.reason}; "
                                  f"check the key in ${args.api_key_env} and --api-base")
             error = f"HTTP {e.code} {e.reason}"
@@ -328,9 +333,11 @@ def api_complete(args, row: dict) -> list[str]:
 
 def api_teach(args, rows: list[dict]) -> list[list[str] | None]:
     """api_complete for every row, --concurrency requests at a time. An auth error stops the run:
-    the requests not started yet are cancelled."""
+    the requests not started yet are cancelled, and none is sent after it (a worker may already have
+    picked up the next row before the cancel)."""
+    stop = threading.Event()
     with ThreadPoolExecutor(args.concurrency) as pool:
-        futures = [pool.submit(api_complete, args, row) for row in rows]
+        futures = [pool.submit(api_complete, args, row, stop) for row in rows]
         try:
             return [f.result() for f in futures]
         except BaseException:
