@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import lora as L
 from model import full_state_items, print0
 
 
@@ -79,7 +80,10 @@ def save_checkpoint(model, processor, out_dir: str | Path, meta: dict, dtype: to
     for name, tensor in full_state_items(model, dtype):  # every rank gathers (collectives), rank 0 keeps
         if rank == 0:
             state[name] = tensor.cpu()
+    adapter = L.adapter_state(model) if L.is_lora(model) else None  # LoRA: merged above, and alone here
     if rank == 0:
+        if adapter is not None:
+            L.save_adapter(model.lora_config, adapter, tmp / "adapter")
         model.save_pretrained(tmp, state_dict=state)
         config = model.config.__class__.from_dict(model.config.to_dict())
         config.dtype = dtype  # what the weights on disk are: from_pretrained and vLLM read it
@@ -102,15 +106,24 @@ def save_checkpoint(model, processor, out_dir: str | Path, meta: dict, dtype: to
 def save_training_checkpoint(model, optimizer, processor, path: Path, meta: dict, dtype: torch.dtype,
                              keep_last: int = 0) -> None:
     """A training checkpoint: the Hugging Face directory plus `resume/`, the fp32 model shards and the
-    optimizer state through torch.distributed.checkpoint (each rank writes its own shards). With
-    keep_last, older `step_*` siblings are deleted once this one is complete."""
+    optimizer state through torch.distributed.checkpoint (each rank writes its own shards; frozen
+    parameters, such as a LoRA run's base, are left out: --resume reads them from --model again).
+    With keep_last, older `step_*` siblings are deleted once this one is complete."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_trained_only(model))
     save_checkpoint(model, processor, path, meta, dtype=dtype, resume_state={"model": model_sd, "optim": optim_sd})
     if keep_last and (not dist.is_initialized() or dist.get_rank() == 0):
         for old in sorted(path.parent.glob("step_*"))[:-keep_last]:
             shutil.rmtree(old)
+
+
+def _trained_only(model):
+    """The resume state's options: the trainable parameters only (all of them without LoRA)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=True, strict=not frozen)
 
 
 def write_trainer_state(ckpt: Path, meta: dict) -> None:
@@ -162,10 +175,11 @@ def load_training_checkpoint(model, optimizer, checkpoints: Path) -> int:
     else:
         print0(f"resume: no complete checkpoint in {checkpoints}, starting at step 0")
         return 0
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = _trained_only(model)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(ckpt / "resume"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
     print0(f"resumed from {ckpt} (step {step})")
     return step

@@ -38,6 +38,7 @@ import os
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,7 @@ import torch.distributed as dist
 import checkpoints as C
 import data as D
 import evaluate
+import lora as L
 import model as M
 import plan as P
 import rollout
@@ -99,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="compute dtype (FSDP2 mixed precision; master weights stay fp32). Default: bfloat16 on GPU "
                         "and for --plan, float32 on CPU")
     g.add_argument("--no-gradient-checkpointing", action="store_true", help="keep activations instead of recomputing them")
+    g.add_argument("--offload", action="store_true", help="keep the policy's fp32 shards, gradients and AdamW state in "
+                                                          "host memory (FSDP2 CPU offload: one GPU, slower steps)")
+    L.add_args(p)
     g = p.add_argument_group("GRPO loss")
     g.add_argument("--kl-coef", type=float, default=0.01, help="k3 KL to the initial model (0: no reference model is built)")
     g.add_argument("--ref-offload", action="store_true", help="keep the reference model's shards in host memory")
@@ -138,6 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--prompts-per-step must be a multiple of --mini-batch")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out, --overwrite replaces it: pass one")
+    L.check_args(p, args)
     return args
 
 
@@ -389,6 +395,15 @@ def train_forward(policy, b: dict, fw: Forward | None, old: torch.Tensor | None,
             "clip": (clipped & mask).sum().item()}, old
 
 
+def reference_logprobs(ref, policy, b: dict, temperature: float) -> torch.Tensor | None:
+    """The reference model's log-probs: its own frozen copy's, or with LoRA (ref is policy) the
+    policy's with its adapters off; None without a reference (--kl-coef 0)."""
+    if ref is None:
+        return None
+    with L.adapters_off(policy) if ref is policy else nullcontext():
+        return M.token_logprobs(ref, b, temperature)
+
+
 def gather_samples(local: list, world: int) -> list:
     """Every rank's samples, in rank order (= the step's prompt order), on every rank."""
     everyone = [None] * world
@@ -465,17 +480,18 @@ def check_memory(args) -> None:
     """plan.py's memory plan for these flags: printed and exit 0/2 with --plan, else exit 2 (with the
     plan) only when it does not fit."""
     world = args.world_size if args.plan else int(os.environ.get("WORLD_SIZE", 1))
-    longest = args.max_prompt_tokens + args.max_response_tokens
-    P.check(P.shapes(args.model), P.Run(
+    longest, shapes = args.max_prompt_tokens + args.max_response_tokens, P.shapes(args.model)
+    P.check(shapes, P.Run(
         "grpo", world, micro_batch=min(args.micro_batch, max(1, args.mini_batch // world) * args.group_size),
         packed=not args.no_packing, tokens_per_forward=args.max_tokens_per_forward, seq_len=longest,
         logit_tokens=args.max_response_tokens, image_tokens=args.max_prompt_tokens,
         compute_bytes=getattr(torch, args.dtype).itemsize, checkpointing=not args.no_gradient_checkpointing,
-        ref=None if args.kl_coef == 0 else "host" if args.ref_offload else "gpu", vllm=args.rollout == "vllm",
+        ref=None if args.kl_coef == 0 or args.lora_rank else "host" if args.ref_offload else "gpu", vllm=args.rollout == "vllm",
         tensor_parallel=args.tensor_parallel, gpu_memory_utilization=args.gpu_memory_utilization,
         vllm_bytes=4 if args.vllm_dtype == "float32" else 2, max_model_len=longest,
         step_sequences=-(-args.prompts_per_step * args.group_size // world),
-        gpu_gib=P.gpu_gib(args.gpu_memory_gb), ranks_per_node=P.ranks_per_node(world)), args.model, show=args.plan)
+        gpu_gib=P.gpu_gib(args.gpu_memory_gb), ranks_per_node=P.ranks_per_node(world),
+        **P.training_run(args, shapes)), args.model, show=args.plan)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -518,12 +534,17 @@ def main(argv: list[str] | None = None) -> None:
         # Policy: fp32 master weights, sharded; computes in --dtype. Reference: a frozen copy.
         # Only rank 0 reads the checkpoint files; the other ranks get their shards from it.
         compute_dtype = getattr(torch, args.dtype)
-        policy = M.load_sharded_model(path, param_dtype=compute_dtype,
-                                      gradient_checkpointing=not args.no_gradient_checkpointing)
-        if args.kl_coef > 0:
+        # LoRA: a frozen base in the compute dtype with fp32 adapters; the reference is the policy with
+        # its adapters off (ref is policy).
+        policy = M.load_sharded_model(path, param_dtype=compute_dtype, cpu_offload=args.offload,
+                                      gradient_checkpointing=not args.no_gradient_checkpointing, lora=L.from_args(args, path))
+        if args.kl_coef > 0 and args.lora_rank:
+            ref = policy
+        elif args.kl_coef > 0:
             ref = M.load_sharded_model(path, param_dtype=compute_dtype, cpu_offload=args.ref_offload)
             ref.requires_grad_(False)
-        M.print0("reference model: " + ("frozen copy of the initial policy" if ref is not None else "none (--kl-coef 0)"))
+        M.print0("reference model: " + ("none (--kl-coef 0)" if ref is None else "the policy with its LoRA adapters off"
+                                        if ref is policy else "frozen copy of the initial policy"))
         optimizer = M.adamw(policy, args.lr, args.betas, args.weight_decay)
         start = C.load_training_checkpoint(policy, optimizer, out / "checkpoints") if args.resume else 0
         per_rank = args.prompts_per_step // world
@@ -589,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
                         host = make_batch(fw, samples, encoded, processor, policy, not args.no_packing)
                         b = M.to_device(host, device)
                         batch_of[u, k] = (host, None if on_policy else M.token_logprobs(policy, b, args.temperature),
-                                          M.token_logprobs(ref, b, args.temperature) if ref is not None else None)
+                                          reference_logprobs(ref, policy, b, args.temperature))
             M.reshard(policy, ref)  # no backward follows these forwards: free the gathered roots
             # canary: the engine's log-probs must match the trainer's (a stale sync shows up here)
             gaps = [canary(samples, forwards[u][k].idx, old, b["completion_mask"].to(device))

@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+import lora as L
 from reward import options_dict
 from tiny import TINY_VERSION, build_tiny
 
@@ -523,8 +524,9 @@ def reshard(*models) -> None:
 
 
 def load_sharded_model(name: str, param_dtype: torch.dtype | None = None, cpu_offload: bool = False,
-                       gradient_checkpointing: bool = False):
-    """The fp32 model, sharded by shard_model over all ranks, read from disk by rank 0 alone.
+                       gradient_checkpointing: bool = False, lora=None):
+    """The fp32 model, sharded by shard_model over all ranks, read from disk by rank 0 alone. With a
+    `lora` config (lora.lora_config): the base in the compute dtype, frozen, with fp32 LoRA adapters.
 
     The other ranks build it on the meta device (no memory, no file read), shard that, and receive their
     shards from rank 0 one tensor at a time, so host memory holds one full fp32 copy in the whole job
@@ -534,7 +536,10 @@ def load_sharded_model(name: str, param_dtype: torch.dtype | None = None, cpu_of
     interconnect is faster than every node's disk. Under plain `python` (one rank) this is
     load_model then shard_model, nothing more."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = load_model(name, torch.float32, device="cpu" if rank == 0 else "meta")
+    dtype = (param_dtype or torch.float32) if lora is not None else torch.float32
+    model = load_model(name, dtype, device="cpu" if rank == 0 else "meta")
+    if lora is not None:
+        L.add_adapters(model, lora)  # rank 0's initial adapters reach the other ranks with the weights
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     full = model.state_dict() if rank == 0 and world > 1 else {}  # the full tensors, kept past sharding
@@ -577,9 +582,10 @@ def _fill_from_rank0(model, full: dict, cpu_offload: bool) -> None:
 
 
 def adamw(model, lr: float, betas, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the model's parameters, fused: one kernel for all of them instead of a Python loop
-    of small ops per tensor (torch's default off CUDA): 9x faster on CPU with FSDP2's DTensors."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=True)
+    """AdamW over the model's trainable parameters (with LoRA, the adapters), fused: one kernel for all
+    of them instead of a Python loop of small ops per tensor (torch's default off CUDA): 9x faster on
+    CPU with FSDP2's DTensors."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=True)
 
 
 def clip_and_step(model, optimizer, max_norm: float, step: int) -> float:
@@ -603,9 +609,14 @@ def enable_gradient_checkpointing(model) -> None:
 
 # ---- weights: gathered from the shards one tensor at a time (checkpoints, the weight sync) ----
 
-def full_state_items(model, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def full_state_items(model, dtype: torch.dtype | None = None, changed_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) for every parameter and buffer, gathered one at a time from the FSDP2
-    shards, so no second full copy of the model ever exists. Every rank must iterate (collectives)."""
+    shards, so no second full copy of the model ever exists. Every rank must iterate (collectives).
+    With LoRA adapters: the merged model's Hugging Face tensors (lora.merged_items), and with
+    changed_only only the blocks that hold adapters (the weight sync)."""
+    if L.is_lora(model):
+        yield from L.merged_items(model, dtype, adapted_only=changed_only)
+        return
     for name, tensor in model.state_dict().items():
         if hasattr(tensor, "full_tensor"):  # a DTensor shard
             tensor = tensor.full_tensor()

@@ -24,8 +24,13 @@ What is counted, per GPU (B sequences of T tokens per micro-batch, P parameters,
              their gradient, and that gradient's copy in a compute dtype below fp32; below fp32 also
              the lm_head gradient's fp32 sum and one chunk's share of it). Without
              checkpointing, every layer's activations.
+             --offload: all three in host memory instead (FSDP2's CPU offload).
+             LoRA (--lora-rank): the frozen base in the compute dtype, c*P/W; weights, gradients and
+             AdamW state for the adapters' parameters only (lora_params), and no gradient of the root
+             unit or of a block's base weights.
   reference  (GRPO, KL > 0) fp32 shards 4P/W on the GPU, or in host memory with --ref-offload (its
-             root unit, gathered for its forwards, is freed after them: model.reshard).
+             root unit, gathered for its forwards, is freed after them: model.reshard). With LoRA,
+             none: the reference is the policy with its adapters off.
   vLLM       (GRPO) while awake it holds --gpu-memory-utilization x GPU memory: weights / tensor
              parallel, its activations and CUDA graphs (VLLM_OVERHEAD_GIB, an estimate: vLLM logs
              its own numbers at start-up) and the KV cache (the rest). Asleep (level 1) it holds
@@ -51,6 +56,7 @@ from dataclasses import dataclass, field
 import torch
 
 import model as M
+from lora import TARGETS
 
 # The checkpoints the recipe trains, and Qwen3-VL's, so that planning needs no download: the
 # `config.json` of Qwen/Qwen2.5-VL-{3B,7B,32B}-Instruct and Qwen/Qwen3-VL-{2B,4B,8B,32B}-Instruct
@@ -332,6 +338,8 @@ class Run:
     gpu_gib: float = 80.0
     ranks_per_node: int = 8
     reserve_gib: float = RESERVE_GIB
+    lora_params: int = 0          # --lora-rank: the adapters' parameters (lora_params); 0: full fine-tuning
+    offload: bool = False         # --offload: the policy's shards, gradients and AdamW state in host memory
 
 
 @dataclass
@@ -350,6 +358,21 @@ class Plan:
     def host_peak(self) -> float:
         """GiB per node: the start-up read of the model, or everything held afterwards."""
         return max(self.host[0][1], sum(gib for _, gib in self.host[1:]))
+
+
+def lora_params(s: Shapes, rank: int, targets: str = TARGETS) -> int:
+    """The adapters' parameters: r x (in + out) for each of the decoder layers' `targets` (--lora-vision's
+    vision adapters are not counted: under 1% of the language model's)."""
+    attn, kv, h, i = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.hidden, s.intermediate
+    dims = {"q_proj": h + attn, "k_proj": h + kv, "v_proj": h + kv, "o_proj": attn + h,
+            "gate_proj": h + i, "up_proj": h + i, "down_proj": i + h}
+    return s.layers * rank * sum(dims[t.strip()] for t in targets.split(",") if t.strip() in dims)
+
+
+def training_run(args, s: Shapes) -> dict:
+    """The Run fields of the flags sft.py and grpo.py share: LoRA and --offload."""
+    return dict(lora_params=lora_params(s, args.lora_rank, args.lora_targets) if args.lora_rank else 0,
+                offload=args.offload)
 
 
 def kv_bytes_per_token(s: Shapes, dtype_bytes: int, tensor_parallel: int = 1) -> int:
@@ -400,9 +423,14 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
     head_sum = (4 + c) * s.vocab * s.hidden if c < 4 else 0
     blocks = (3 * c + 4) * max(n["layer"], n["block"])         # two gathered blocks, one's gradient and its fp32 copy
     reduce = (c + 4) * n["root"]                               # the root's gradients and fp32 reduce-scatter input
-    rows = [("policy weights (fp32, sharded)", 4 * P / W, "always"),
-            ("AdamW m and v (fp32, sharded)", 8 * P / W, "always"),
-            ("gradients (fp32, sharded)", 4 * P / W, "update"),
+    T = r.lora_params or P                                     # trained parameters
+    if r.lora_params:  # a frozen base: nothing of the root unit or of a block's base gets a gradient
+        head_grad = head_sum = reduce = 0
+        blocks = 2 * c * max(n["layer"], n["block"]) + (c + 4) * T / s.layers
+    where, on_gpu = (", in host memory: --offload", 0) if r.offload else ("", 1)
+    rows = [(f"{'LoRA adapter' if r.lora_params else 'policy'} weights (fp32, sharded{where})", on_gpu * 4 * T / W, "always"),
+            (f"AdamW m and v (fp32, sharded{where})", on_gpu * 8 * T / W, "always"),
+            (f"gradients (fp32, sharded{where})", on_gpu * 4 * T / W, "update"),
             ("FSDP2 root unit gathered (embeddings, lm_head, merger)", root, "update"),
             ("lm_head gradient, unsharded", head_grad, "update A+C"),
             (f"activations: {'saved layer inputs' if r.checkpointing else 'every layer, kept'} "
@@ -413,6 +441,8 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
             ("activations: one layer recomputed", working, "update C"),
             ("FSDP2 two blocks gathered, gradient", blocks, "update C"),
             ("root gradients + fp32 reduce-scatter input", reduce, "update B")]
+    if r.lora_params:
+        rows.insert(0, ("frozen base weights (compute dtype, sharded)", c * P / W, "always"))
     if r.ref == "gpu":
         rows.append(("reference model (fp32, sharded)", 4 * P / W, "always"))
     if r.step_sequences:  # the batches themselves wait in host memory
@@ -448,8 +478,11 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
             problems.append(f"the {ph} phase needs {need:.1f} GiB per GPU, more than the {r.gpu_gib:g} GiB there are")
     # host memory, per node
     k = min(r.ranks_per_node, W)
-    host = [(f"start-up: rank 0 reads the full fp32 model, {k} ranks hold fp32 shards", (4 * P + k * 4 * P / W) / GiB),
+    b = c if r.lora_params else 4  # bytes per parameter of the loaded model: a LoRA base in the compute dtype
+    host = [(f"start-up: rank 0 reads the full model, {k} ranks hold shards", (b * P + k * b * P / W) / GiB),
             ("rank 0 gathers a checkpoint (compute dtype)", c * P / GiB)]
+    if r.offload:
+        host.append(("policy shards, gradients, AdamW (--offload)", k * 16 * T / W / GiB))
     if r.ref == "host":
         host.append(("reference model shards (--ref-offload)", k * 4 * P / W / GiB))
     if r.vllm:

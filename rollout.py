@@ -7,11 +7,13 @@ vLLM; every step of it is commented with the failure it prevents.
 
 import logging
 import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from lora import is_lora
 from model import full_state_items, prompt_tokens, render_prompt, row_images, to_device
 
 # ---- rollouts: vLLM in the trainer's process, or transformers' generate ----
@@ -61,6 +63,18 @@ def not_the_threads_warning(record: logging.LogRecord) -> bool:
     """vLLM's CPU worker swaps torch.set_num_threads for a warning, which its own renderer then
     triggers twice per multimodal request (~1000 identical lines per pass-count run): drop those."""
     return "torch.set_num_threads" not in record.getMessage()
+
+
+@contextmanager
+def quiet(logger: str):
+    """The named logger (and its children) at ERROR level for the block."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 class VLLMEngine:
@@ -157,7 +171,11 @@ class VLLMEngine:
         #    gate/up) and dropped, so at most one full parameter exists beyond the engine's copy.
         #    collective_rpc reaches the in-process worker; reload_weights is vLLM's in-place reload
         #    (a direct model.load_weights fails on the CPU backend and leaves a half-updated model).
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_state_items(model, self.dtype)})
+        #    With LoRA only the blocks holding adapters are streamed; vLLM keeps the other layers'
+        #    weights and warns about each of them (those warnings are dropped: that is the intent).
+        with quiet("vllm.model_executor.model_loader.reload") if is_lora(model) else nullcontext():
+            self.llm.collective_rpc("reload_weights",
+                                    kwargs={"weights_iterator": full_state_items(model, self.dtype, changed_only=True)})
         # 2. Drop every cached activation computed with the old weights. Without the prefix-cache
         #    reset, prompts sharing a cached prefix reuse old KV blocks (wrong outputs, no error);
         #    without the encoder-cache reset, vLLM's scheduler and worker disagree on cached image

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import checkpoints as C
 import data as D
+import lora as L
 import model as M
 import plan as P
 
@@ -70,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="compute dtype (FSDP2 mixed precision; master weights stay fp32). Default: bfloat16 on GPU "
                         "and for --plan, float32 on CPU")
     g.add_argument("--no-gradient-checkpointing", action="store_true", help="keep activations instead of recomputing them")
+    g.add_argument("--offload", action="store_true", help="keep the fp32 shards, gradients and AdamW state in host "
+                                                          "memory (FSDP2 CPU offload: one GPU, slower steps)")
+    L.add_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/sft", help="output directory")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end of every epoch)")
@@ -97,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out, --overwrite replaces it: pass one")
     args.dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() or args.plan else "float32")
+    L.check_args(p, args)
     return args
 
 
@@ -153,11 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     # ---- memory plan: before anything is loaded, a configuration that cannot fit stops (exit 2) ----
     if args.plan or args.gpu_memory_gb or torch.cuda.is_available():
         world = args.world_size if args.plan else int(os.environ.get("WORLD_SIZE", 1))
-        P.check(P.shapes(args.model), P.Run(
+        shapes = P.shapes(args.model)
+        P.check(shapes, P.Run(
             "sft", world, micro_batch=args.micro_batch, seq_len=args.max_length, logit_tokens=args.max_length,
             image_tokens=min(args.image_tokens, args.max_length), compute_bytes=getattr(torch, args.dtype).itemsize,
             checkpointing=not args.no_gradient_checkpointing, gpu_gib=P.gpu_gib(args.gpu_memory_gb),
-            ranks_per_node=P.ranks_per_node(world)), args.model, show=args.plan)
+            ranks_per_node=P.ranks_per_node(world), **P.training_run(args, shapes)), args.model, show=args.plan)
     # ---- checks before anything loads: the model name, --out, the data's columns and rows ----
     out = Path(args.out)
     path = M.resolve_model(args.model, flag="--model")
@@ -212,8 +218,9 @@ def main(argv: list[str] | None = None) -> None:
         M.print0(f"{len(usable)} rows, {steps_per_epoch} steps per epoch x {args.epochs} epochs, "
                  f"{world} ranks x {args.micro_batch} sequences x {accum} accumulation")
 
-        policy = M.load_sharded_model(path, param_dtype=getattr(torch, args.dtype),
-                                      gradient_checkpointing=not args.no_gradient_checkpointing).train()
+        policy = M.load_sharded_model(path, param_dtype=getattr(torch, args.dtype), cpu_offload=args.offload,
+                                      gradient_checkpointing=not args.no_gradient_checkpointing,
+                                      lora=L.from_args(args, path)).train()
         optimizer = M.adamw(policy, args.lr, args.betas, args.weight_decay)
         start = C.load_training_checkpoint(policy, optimizer, out / "checkpoints") if args.resume else 0
         metrics_file = D.open_metrics(out / "metrics.jsonl", start) if rank == 0 else None

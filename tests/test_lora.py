@@ -1,0 +1,102 @@
+"""LoRA (lora.py): adapters on a frozen base, the reference as adapters-off, merged checkpoints that
+plain transformers loads, adapters that peft loads, and GRPO with them on two ranks with vLLM."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import checkpoints
+import lora
+import model
+from conftest import make_toy_rows, run_script
+
+LORA = ["--lora-rank", "8"]
+
+
+def logprobs(m, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model.token_logprobs(m, batch)
+
+
+def test_adapters_train_alone_and_leave_as_a_merged_model_and_a_peft_adapter(tiny_path, processor, tmp_path):
+    from peft import PeftModel
+
+    rank, world, _ = model.init_distributed()
+    policy = optimizer = None
+    try:
+        batch = model.build_batch(processor, make_toy_rows(3), [[100, 101, 102], [200, 201], [300] * 5])
+        base = model.load_model(tiny_path)
+        initial = logprobs(base, batch)
+        torch.manual_seed(0)
+        policy = model.load_sharded_model(tiny_path, param_dtype=torch.float32, gradient_checkpointing=True,
+                                          lora=lora.lora_config(8, 16, lora.TARGETS, base=tiny_path)).train()
+        assert torch.equal(logprobs(policy, batch), initial)  # lora_B starts at zero
+        trained = {n for n, p in policy.named_parameters() if p.requires_grad}
+        assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
+        assert len(trained) == 2 * 7 * 2  # A and B of q, k, v, o, gate, up, down in each of the 2 decoder layers
+        optimizer = model.adamw(policy, 1e-2, (0.9, 0.999), 0.0)
+        for step in range(2):
+            (-(model.token_logprobs(policy, batch) * batch["completion_mask"]).sum()).backward()
+            model.clip_and_step(policy, optimizer, 1.0, step + 1)
+        assert sum(len(s) for s in optimizer.state.values()) == 3 * len(trained)  # step, m, v: adapters only
+        after = logprobs(policy, batch)
+        assert (after - initial).abs().max() > 0.1
+        with lora.adapters_off(policy):  # GRPO's reference: exactly the initial model, no second copy
+            assert torch.equal(logprobs(policy, batch), initial)
+        assert torch.equal(logprobs(policy, batch), after)  # and the adapters are back on
+
+        ckpt = tmp_path / "ckpt"
+        checkpoints.save_checkpoint(policy, processor, ckpt, {"step": 2}, dtype=torch.float32)
+        assert checkpoints.checkpoint_problem(ckpt) is None and (ckpt / "adapter" / "adapter_model.safetensors").is_file()
+        merged = model.load_model(str(ckpt))  # plain transformers, no peft
+        assert (logprobs(merged, batch) - after).abs().max() < 1e-5
+        saved, original = load_file(str(ckpt / "model.safetensors")), load_file(f"{tiny_path}/model.safetensors")
+        assert saved.keys() == original.keys()
+        changed = [k for k in saved if not torch.equal(saved[k], original[k])]
+        assert len(changed) == 2 * 7 and all(k.endswith("_proj.weight") for k in changed), changed
+        # only the adapted blocks (whole: vLLM fuses q/k/v and gate/up) go to the rollout engine
+        synced = dict(model.full_state_items(policy, changed_only=True))
+        assert len(synced) == 2 * (3 + 3 + 1 + 3) and all(".self_attn." in k or ".mlp." in k for k in synced)
+        peft_model = PeftModel.from_pretrained(base, str(ckpt / "adapter"))  # the adapters unmerged, in peft's layers
+        assert (logprobs(peft_model.base_model.model, batch) - after).abs().max() < 1e-5
+        assert json.loads((ckpt / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    finally:
+        del policy, optimizer
+        model.cleanup_distributed()
+
+
+def test_bf16_base_is_frozen_in_the_compute_dtype_with_fp32_adapters(tiny_path):
+    """The one-GPU memory saving: no fp32 copy of the frozen base (FSDP2 accepts mixed dtypes in a unit
+    as long as its trainable parameters share one)."""
+    model.init_distributed()
+    policy = None
+    try:
+        policy = model.load_sharded_model(tiny_path, param_dtype=torch.bfloat16,
+                                          lora=lora.lora_config(4, 8, lora.TARGETS, base=tiny_path))
+        dtypes = {p.dtype for n, p in policy.named_parameters() if ".lora_" not in n}
+        assert dtypes == {torch.bfloat16}
+        assert {p.dtype for p in policy.parameters() if p.requires_grad} == {torch.float32}
+        assert {t.dtype for _, t in model.full_state_items(policy)} == {torch.bfloat16}
+    finally:
+        del policy
+        model.cleanup_distributed()
+
+
+def test_lora_grpo_on_two_ranks_with_vllm(sft_tiny, toy_data, tmp_path):
+    from test_grpo import SMALL, metrics_of
+
+    out = tmp_path / "run"
+    run = run_script("grpo.py", ["--model", sft_tiny, "--data", toy_data, "--max-steps", "2", "--save-every", "2",
+                                 "--out", str(out)] + SMALL + LORA + ["--lr", "1e-2"], ranks=2)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert "reference model: the policy with its LoRA adapters off" in run.stdout
+    metrics = metrics_of(out)
+    for m in metrics:  # the engine got the merged adapted blocks after each update
+        assert m["canary_mean"] < 1e-3 and m["canary_max"] < 1e-2, m
+    assert metrics[-1]["kl"] > 0 and metrics[0]["grad_norm"] > 0
+    ckpt = out / "checkpoints" / "step_000002"
+    saved, before = load_file(str(ckpt / "model.safetensors")), load_file(f"{sft_tiny}/model.safetensors")
+    moved = sorted(k for k in saved if not torch.equal(saved[k], before[k]))
+    assert len(moved) == 2 * 7 and all(k.startswith("model.layers.") and k.endswith("_proj.weight") for k in moved), moved
+    assert (ckpt / "adapter" / "adapter_config.json").is_file()
