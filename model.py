@@ -497,7 +497,7 @@ def shard_model(model, param_dtype: torch.dtype | None = None, reduce_dtype: tor
 
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
     kw = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
-              offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+              offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy())
     units = set(model._no_split_modules)  # the family's vision block and decoder layer classes
     for module in list(model.modules())[1:]:  # in order: the vision blocks, then the decoder layers
         if type(module).__name__ in units:

@@ -5,7 +5,7 @@
 
 grpo.py's own code on the tiny model, fp32, one process (model.init_distributed,
 model.load_sharded_model: FSDP2, gradient checkpointing on the policy, a frozen reference copy);
-one micro-batch of --seqs sequences cut by grpo.cut_updates into forwards of at most
+one micro-batch of --seqs sequences cut by batching.cut_updates into forwards of at most
 --max-tokens-per-forward tokens (padded: count x longest, packed: the sum), each built by
 grpo.make_batch (model.collate, then model.pack unless padded). Two phases, timed:
   log-probs  build the batches, no_grad model.token_logprobs of the policy (old) and the reference
@@ -62,6 +62,7 @@ def run_variant(args) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
+    import batching
     import curate
     import grpo
     import model as M
@@ -83,7 +84,7 @@ def run_variant(args) -> dict:
     completion_lens = [len(c.token_ids) for _, c in samples]
     lengths = [p + n for p, n in zip(prompt_lens, completion_lens)]
     packing = args.variant == "packed"
-    cut, _ = grpo.cut_updates(list(range(args.seqs)), lengths, completion_lens, [True] * args.seqs, 1, 1, args.seqs,
+    cut, _ = batching.cut_updates(list(range(args.seqs)), lengths, completion_lens, [True] * args.seqs, 1, 1, args.seqs,
                               args.max_tokens_per_forward, padded=not packing)
     forwards = cut[0][0]  # rank 0, update 0: the micro-batch's forwards
     adv = torch.randn(args.seqs, generator=gen)  # (B,)
@@ -128,14 +129,14 @@ def run_variant(args) -> dict:
 def recipe_flops(prompt_lens: list[int], args) -> list[dict]:
     """plan.flops of one micro-batch's update (forward + backward) at the full 4,096 cap."""
     sys.path.insert(0, str(ROOT))
-    import grpo
+    import batching
     import plan as P
 
     sampled = recipe_lengths(args.seqs, args.tail, args.seed)
     completions = [n for *_, n in sampled]
     grids = [(1, h // 14, w // 14) for w, h, _ in sampled]  # 14 px patches; sides are multiples of 28
     lengths = [p + n for p, n in zip(prompt_lens, completions)]
-    cut = {way: grpo.split_by_tokens(lengths, args.max_tokens_per_forward, padded=way == "padded")
+    cut = {way: batching.split_by_tokens(lengths, args.max_tokens_per_forward, padded=way == "padded")
            for way in ("padded", "packed")}
     rows = []
     for name in ("qwen2.5-vl-3b", "qwen2.5-vl-7b"):

@@ -7,8 +7,8 @@ import torch
 
 import model
 from conftest import make_rows
-from grpo import (aggregate, balanced_order, clipped_policy_loss, cut_updates, kl_k3, per_token,
-                  split_by_tokens)
+from batching import balanced_order, cut_updates, split_by_tokens
+from grpo import aggregate, clipped_policy_loss, kl_k3, per_token
 
 
 def parts(order: list[int], world: int) -> list[list[int]]:

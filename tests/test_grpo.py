@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 import data
 import model
 from conftest import kill_when, run_script
-from grpo import balanced_order
+from batching import balanced_order
 
 SMALL = ["--prompts-per-step", "4", "--group-size", "4", "--mini-batch", "2", "--micro-batch", "4",
          "--max-response-tokens", "20", "--lr", "1e-3", "--dump-every", "1", "--vllm-dtype", "float32"]

@@ -1,18 +1,15 @@
 """LoRA (lora.py): adapters on a frozen base, the reference as adapters-off, merged checkpoints that
-plain transformers loads, adapters that peft loads, and GRPO with them on two ranks with vLLM."""
+plain transformers loads, adapters that peft loads. GRPO with LoRA on two ranks with vLLM is in
+test_demo (it must learn); SFT with LoRA (1 vs 2 ranks, kill and resume, overfitting) in test_sft."""
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 import checkpoints
 import lora
 import model
-from conftest import make_toy_rows, run_script
-
-LORA = ["--lora-rank", "8"]
-
+from conftest import make_toy_rows
 
 def logprobs(m, batch) -> torch.Tensor:
     with torch.no_grad():
@@ -81,22 +78,3 @@ def test_bf16_base_is_frozen_in_the_compute_dtype_with_fp32_adapters(tiny_path):
     finally:
         del policy
         model.cleanup_distributed()
-
-
-def test_lora_grpo_on_two_ranks_with_vllm(sft_tiny, toy_data, tmp_path):
-    from test_grpo import SMALL, metrics_of
-
-    out = tmp_path / "run"
-    run = run_script("grpo.py", ["--model", sft_tiny, "--data", toy_data, "--max-steps", "2", "--save-every", "2",
-                                 "--out", str(out)] + SMALL + LORA + ["--lr", "1e-2"], ranks=2)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-    assert "reference model: the policy with its LoRA adapters off" in run.stdout
-    metrics = metrics_of(out)
-    for m in metrics:  # the engine got the merged adapted blocks after each update
-        assert m["canary_mean"] < 1e-3 and m["canary_max"] < 1e-2, m
-    assert metrics[-1]["kl"] > 0 and metrics[0]["grad_norm"] > 0
-    ckpt = out / "checkpoints" / "step_000002"
-    saved, before = load_file(str(ckpt / "model.safetensors")), load_file(f"{sft_tiny}/model.safetensors")
-    moved = sorted(k for k in saved if not torch.equal(saved[k], before[k]))
-    assert len(moved) == 2 * 7 and all(k.startswith("model.layers.") and k.endswith("_proj.weight") for k in moved), moved
-    assert (ckpt / "adapter" / "adapter_config.json").is_file()

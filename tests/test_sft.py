@@ -74,13 +74,19 @@ def test_pre_rendered_text_rows_encode_like_reasoning_rows(processor):
 COMMON = ["--dtype", "float32", "--lr", "1e-3", "--warmup-ratio", "0.25"]
 
 
-def test_one_rank_and_two_ranks_train_the_same(tiny_path, sft_data, tmp_path):
+LORA = ["--lora-rank", "8"]
+
+
+@pytest.mark.parametrize("flags, two_rank_flags", [([], ["--offload"]), (LORA, LORA)], ids=["full", "lora"])
+def test_one_rank_and_two_ranks_train_the_same(tiny_path, sft_data, tmp_path, flags, two_rank_flags):
     # No clipping here: the gradient norm is summed in another order over shards than in one process
     # (equal to ~1e-7 relative), and a clip scale that differs in its last bit moves every weight a bit.
+    # Full fine-tuning's two ranks keep their shards, gradients and AdamW state in host memory
+    # (--offload): where the state lives changes nothing.
     args = COMMON + ["--model", tiny_path, "--data", sft_data, "--global-batch", "4", "--micro-batch", "2",
                      "--epochs", "2", "--max-steps", "3", "--save-every", "100", "--grad-clip", "1e9"]
-    one = sft_cli(args + ["--out", str(tmp_path / "one")])
-    two = sft_cli(args + ["--out", str(tmp_path / "two")], ranks=2)
+    one = sft_cli(args + flags + ["--out", str(tmp_path / "one")])
+    two = sft_cli(args + two_rank_flags + ["--out", str(tmp_path / "two")], ranks=2)
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-3000:] + two.stderr[-3000:]
     assert "2 ranks x 2 sequences x 1 accumulation" in two.stdout and "1 ranks x 2 sequences x 2 accumulation" in one.stdout
     assert "skipping 2 of 10 rows with no reasoning trace" in one.stdout and "8 rows, 2 steps per epoch" in one.stdout
@@ -111,15 +117,30 @@ QUESTIONS = ["Which side is the nodule on?", "Where does the effusion collect?",
              "What does the fracture line cross?"]
 
 
-def test_overfits_a_few_traces_and_generates_them(tiny_path, processor, tmp_path):
+def with_a_trained_scale_head(tiny_path: str, out) -> str:
+    """The tiny model with lm_head x 10, the logit scale of a trained model. LoRA leaves lm_head and the
+    final norm frozen, and the random init's logits (|h| |w| <= 2.6 against 151,936 others) bound its
+    loss above ~9.4: a trained model's head is what LoRA works through."""
+    m = model.load_model(tiny_path)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(10)
+    m.save_pretrained(out)
+    model.load_processor(tiny_path).save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_overfits_a_few_traces_and_generates_them(tiny_path, processor, tmp_path, lora):
     from datasets import Dataset
 
     rows = [{**row, "question": q} for row, q in zip(trace_rows(4), QUESTIONS)]
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "four"))
     out = tmp_path / "overfit"
-    run = sft_cli(["--model", tiny_path, "--data", str(tmp_path / "four"), "--global-batch", "4", "--micro-batch", "4",
-                   "--epochs", "120", "--lr", "5e-3", "--warmup-ratio", "0", "--dtype", "float32", "--save-every", "1000",
-                   "--out", str(out)], env={"OMP_NUM_THREADS": "2"})  # one process alone: both cores
+    start, flags = ((with_a_trained_scale_head(tiny_path, tmp_path / "start"), LORA + ["--epochs", "60", "--lr", "1e-2"])
+                    if lora else (tiny_path, ["--epochs", "120", "--lr", "5e-3"]))
+    run = sft_cli(["--model", start, "--data", str(tmp_path / "four"), "--global-batch", "4", "--micro-batch", "4",
+                   "--warmup-ratio", "0", "--dtype", "float32", "--save-every", "1000", "--out", str(out)] + flags,
+                  env={"OMP_NUM_THREADS": "2"})  # one process alone: both cores
     assert run.returncode == 0, run.stderr[-3000:]
     curve = losses(out)
     assert curve[-1] < curve[0] / 20, curve
@@ -135,9 +156,10 @@ def test_overfits_a_few_traces_and_generates_them(tiny_path, processor, tmp_path
     assert sum(exact) >= 3, exact
 
 
-def test_kill_and_resume_is_bit_identical(tiny_path, sft_data, tmp_path):
+@pytest.mark.parametrize("flags", [[], LORA], ids=["full", "lora"])
+def test_kill_and_resume_is_bit_identical(tiny_path, sft_data, tmp_path, flags):
     args = COMMON + ["--model", tiny_path, "--data", sft_data, "--global-batch", "4", "--micro-batch", "2",
-                     "--epochs", "2", "--save-every", "1"]
+                     "--epochs", "2", "--save-every", "1"] + flags
     full = sft_cli(args + ["--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "killed"
@@ -148,3 +170,7 @@ def test_kill_and_resume_is_bit_identical(tiny_path, sft_data, tmp_path):
     a, b = final_weights(tmp_path / "full"), final_weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(out)[-1] == losses(tmp_path / "full")[-1]
+    last = sorted((out / "checkpoints").glob("step_*"))[-1]
+    resume = sum(f.stat().st_size for f in (last / "resume").rglob("*") if f.is_file())
+    if flags:  # LoRA: the resume state is the adapters and their AdamW state; the frozen base comes from --model
+        assert resume < (last / "model.safetensors").stat().st_size / 50
