@@ -151,7 +151,9 @@ def worker(lora_rank: int = 0) -> None:
 
 @pytest.mark.parametrize("lora_rank", [0, 8])
 def test_plan_matches_memory_measured_on_two_ranks(tiny_path, lora_rank):
-    run = run_script("tests/test_plan.py", ["worker", str(lora_rank)], ranks=2)
+    # glibc's heap keeps freed blocks of up to 32 MB (its dynamic mmap threshold) in the RSS: ~40 MB of
+    # slack that is the allocator's, not the plan's (LoRA's peak read 11-14% over the plan with it)
+    run = run_script("tests/test_plan.py", ["worker", str(lora_rank)], ranks=2, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads(line) for line in re.findall(r'\{"rank"[^{}]*\}', run.stdout)]  # the ranks' lines may interleave
     assert len(ranks) == 2, run.stdout[-3000:]
@@ -170,10 +172,10 @@ def test_plan_matches_memory_measured_on_two_ranks(tiny_path, lora_rank):
         assert rank["grads"] == pytest.approx(rows["gradients"], rel=1e-3)
         assert rank["optimizer"] == pytest.approx(rows["AdamW m and v"], rel=1e-3)
         # the whole training peak, measured as the RSS increase over the process before the model
-        # existed, is within 15% of the plan (measured on 2026-11-21: 3% under it; LoRA on 2026-12-06)
+        # existed, is within 10% of the plan (measured on 2026-12-06: 1% over it, LoRA 3% over)
         measured, planned = rank["rss_increase_mib"], predicted.phases["update"] * 1024
         print(f"rank {rank['rank']}: measured {measured:.0f} MiB, planned {planned:.0f} MiB")
-        assert 0.85 * planned < measured < 1.15 * planned
+        assert 0.9 * planned < measured < 1.1 * planned
 
 
 def test_train_step_benchmark_counts_its_tokens_and_flops(tiny_path, tmp_path):
