@@ -21,7 +21,7 @@ set-up and FSDP2.
   shards, which they built on the meta device.
 
 Checkpoints are in checkpoints.py, datasets and result files in data.py, the rollout engines in
-rollout.py.
+rollout.py, LoRA adapters in lora.py (load_sharded_model adds them, full_state_items merges them).
 """
 
 import io

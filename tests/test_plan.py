@@ -283,5 +283,35 @@ def test_recipe_plans_are_sane_and_match_the_readme():
     assert all(fit for label, fit in fits.items() if "Qwen3-VL" in label)
 
 
+ONE_GPU = ["--plan", "--world-size", "1", "--gpu-memory-gb", "80"]
+NO_OFFLOAD = "python grpo.py --model qwen2.5-vl-3b --ref-offload --data ROWS --out runs/grpo-3b"  # the issue's starting point
+
+
+def one_gpu_row(command: str, capsys) -> tuple[str, bool]:
+    """The README's one-GPU table row of `command`: what its --plan prints for one 80 GiB GPU."""
+    import grpo
+    import sft
+
+    script, *args = command.split()[1:]
+    with pytest.raises(SystemExit) as stop:
+        {"grpo.py": grpo.main, "sft.py": sft.main}[script](args + ONE_GPU)
+    out = capsys.readouterr().out
+    peak = re.search(r"peak: (?:rollout ([\d.]+) GiB, )?update ([\d.]+) GiB", out)
+    host = float(re.search(r"peak per node: ([\d.]+) GiB", out)[1])
+    label = re.sub(r" --(data|out) \S+", "", command)
+    fits = stop.value.code == 0
+    return f"| `{label}` | {peak[1] or '-'} | {peak[2]} | {host:.0f} | {'yes' if fits else 'no'} |", fits
+
+
+def test_one_gpu_commands_plan_as_fitting_and_match_the_readme(capsys):
+    section = (ROOT / "README.md").read_text().split("## One GPU")[1].split("\n## ")[0]
+    commands = re.findall(r"^python (?:sft|grpo)\.py .*$", section, re.M)
+    assert len(commands) == 5 and any("--offload" in c for c in commands) and any("--lora-rank" in c for c in commands)
+    for command in commands + [NO_OFFLOAD]:
+        row, fits = one_gpu_row(command, capsys)
+        assert row in section, f"README's one-GPU table is stale: {row}"
+        assert fits == (command != NO_OFFLOAD), row  # 3B's GRPO needs --offload on one card; the rest fit
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     worker(int(sys.argv[2]))
