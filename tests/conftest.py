@@ -18,7 +18,8 @@ SCRIPT_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # Files that take minutes, slowest first (measured with --durations): `make test`'s two workers take
 # whole files in collection order, so these start first and the short ones fill in at the end.
 SLOW_FIRST = ["test_demo.py", "test_evaluate.py", "test_sft.py", "test_grpo.py", "test_curate.py", "test_rollout.py",
-              "test_cluster.py", "test_rollout_dist.py", "test_model.py", "test_fsdp.py", "test_plan.py"]
+              "test_cluster.py", "test_rollout_dist.py", "test_model.py", "test_fsdp.py", "test_plan.py",
+              "test_gpu_check.py"]
 
 
 def pytest_collection_modifyitems(items):
