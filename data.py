@@ -11,6 +11,7 @@ already holds a run).
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch.distributed as dist
@@ -118,6 +119,89 @@ def open_metrics(path: Path, start_step: int):
     return open(path, "a")
 
 
+# ---- metrics: metrics.jsonl, and an experiment tracker with --report-to ----
+
+def add_report_args(p) -> None:
+    g = p.add_argument_group("experiment tracking")
+    g.add_argument("--report-to", choices=["none", "wandb", "tensorboard"], default="none",
+                   help="also send every step's record and every evaluation to this tracker (rank 0)")
+    g.add_argument("--run-name", default=None, help="the tracker's run name (default: the --out directory's name)")
+    g.add_argument("--wandb-project", default=None, help="wandb project (default: $WANDB_PROJECT, else medvlthinker)")
+
+
+def check_report_args(p, args) -> None:
+    """--report-to's package must be installed: say so before anything loads."""
+    import importlib.util
+
+    module = {"wandb": "wandb", "tensorboard": "tensorboard"}.get(args.report_to)
+    if module and importlib.util.find_spec(module) is None:
+        p.error(f"--report-to {args.report_to} needs the {module} package: pip install {module}")
+
+
+def scalars(record: dict, prefix: str = "") -> dict[str, float]:
+    """A metrics record's numbers, nested keys joined with "/" ({"eval": {"Avg.": {"lenient": 75}}} ->
+    {"eval/Avg./lenient": 75.0}); strings and nulls left out, "step" is the tracker's own axis."""
+    out = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(scalars(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step":
+            out[name] = float(value)
+    return out
+
+
+class Metrics:
+    """What a training stage logs, on rank 0: every record appended to out/metrics.jsonl (open_metrics)
+    and, with --report-to, sent to wandb or tensorboard as well; on the other ranks `log` does nothing,
+    so call sites never branch. The resolved config goes to the tracker once. A resumed run continues
+    the same tracker run: tensorboard writes into the same out/tensorboard/ (events after start_step
+    purged), wandb resumes the run whose id out/wandb_run_id holds (wandb keeps its steps monotonic:
+    steps it already has are dropped with its warning)."""
+
+    def __init__(self, out: Path, start_step: int, args, rank: int, config: dict | None = None) -> None:
+        self.file = self.tracker = self.writer = None
+        if rank != 0:
+            return
+        self.file = open_metrics(out / "metrics.jsonl", start_step)
+        config = config or vars(args)
+        name = args.run_name or out.resolve().name
+        if args.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", start_step)
+        elif args.report_to == "wandb":
+            import wandb
+
+            id_file = out / "wandb_run_id"
+            run_id = id_file.read_text().strip() if start_step and id_file.exists() else uuid.uuid4().hex[:8]
+            id_file.write_text(run_id)
+            self.tracker = wandb.init(project=args.wandb_project or os.environ.get("WANDB_PROJECT", "medvlthinker"),
+                                      name=name, id=run_id, resume="allow", dir=str(out), config=config)
+
+    def log(self, record: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        values, step = scalars(record), record.get("step", 0)
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+        if self.tracker is not None:
+            self.tracker.log(values, step=step)
+
+    def close(self) -> None:
+        for closer in (self.file, self.writer):
+            if closer is not None:
+                closer.close()
+        if self.tracker is not None:
+            self.tracker.finish()
+        self.file = self.writer = self.tracker = None
+
+
 def load_rows(spec: str, split: str = "train"):
     """A unified-schema dataset: a hub name, a `save_to_disk` directory, or a parquet/jsonl/json/csv
     file (images as PIL, {"bytes"/"path"} dicts or paths; row_images reads all of them)."""
@@ -176,7 +260,8 @@ def check_flags(parser, args, at_least: dict[str, float], above: dict[str, float
             parser.error(f"--{dest.replace('_', '-')} must be above {low}, got {getattr(args, dest)}")
 
 
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "rollouts", "eval")  # what sft.py and grpo.py write
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "rollouts", "eval",  # what sft.py and grpo.py write
+               "tensorboard", "wandb", "wandb_run_id")
 
 
 def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:

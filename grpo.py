@@ -103,6 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--offload", action="store_true", help="keep the policy's fp32 shards, gradients and AdamW state in "
                                                           "host memory (FSDP2 CPU offload: one GPU, slower steps)")
     L.add_args(p)
+    D.add_report_args(p)
     g = p.add_argument_group("GRPO loss")
     g.add_argument("--kl-coef", type=float, default=0.01, help="k3 KL to the initial model (0: no reference model is built)")
     g.add_argument("--ref-offload", action="store_true", help="keep the reference model's shards in host memory")
@@ -143,6 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out, --overwrite replaces it: pass one")
     L.check_args(p, args)
+    D.check_report_args(p, args)
     return args
 
 
@@ -259,7 +261,7 @@ def save(policy, optimizer, processor, args, step: int) -> None:
 
 # ---- the loop ----
 
-def run_eval(engine, eval_rows: list[dict], args, step: int, metrics_file) -> None:
+def run_eval(engine, eval_rows: list[dict], args, step: int, metrics: D.Metrics) -> None:
     """evaluate.py's greedy run and summary of the engine's current weights; one metrics line."""
     t_eval = time.perf_counter()
     records = evaluate.run(engine, eval_rows, Path(args.out) / "eval" / f"step_{step:06d}.jsonl",
@@ -267,9 +269,7 @@ def run_eval(engine, eval_rows: list[dict], args, step: int, metrics_file) -> No
     summary, s_eval = evaluate.summarize(records), round(time.perf_counter() - t_eval, 3)
     M.print0(f"eval step {step}: " + " ".join(f"{name} {v['lenient']:.1f}" for name, v in summary.items())
              + f" time {s_eval:.1f}s")
-    if metrics_file is not None:
-        metrics_file.write(json.dumps({"step": step, "eval": summary, "s_eval": s_eval}) + "\n")
-        metrics_file.flush()
+    metrics.log({"step": step, "eval": summary, "s_eval": s_eval})
 
 
 def train_forward(policy, b: dict, fw: Forward | None, old: torch.Tensor | None, ref_lp: torch.Tensor | None,
@@ -321,15 +321,14 @@ def make_batch(fw: Forward | None, samples: list, encoded: dict, processor, mode
     return M.pack(model, batch) if packing else batch
 
 
-def log_step(m: dict, step: int, total_steps: int, metrics_file) -> None:
-    """The step's line on stdout and its record in metrics.jsonl (rank 0)."""
+def log_step(m: dict, step: int, total_steps: int, metrics: D.Metrics) -> None:
+    """The step's line on stdout and its record in metrics.jsonl and the tracker (rank 0)."""
     print(f"step {step}/{total_steps} reward {m['reward']:.3f} acc {m['accuracy']:.3f} "
           f"format {m['format']:.3f} len {m['response_len']:.0f}/{m['response_len_max']:.0f} "
           f"kl {m['kl']:.4f} clip {m['clip_frac']:.3f} gnorm {m['grad_norm']:.3f} "
           f"zero-var {m['zero_var_groups']:.2f} canary {m['canary_mean']:.2e}/{m['canary_max']:.2e} | "
           + P.perf_line(m), flush=True)
-    metrics_file.write(json.dumps({"step": step, **m}) + "\n")
-    metrics_file.flush()
+    metrics.log({"step": step, **m})
 
 
 def dump_rollouts(path: Path, rows, samples: list, lengths: list[int], order: list[int], world: int) -> None:
@@ -409,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
         D.check_rows(eval_rows, args.eval_data, D.ROW_COLUMNS + ("dataset_name",))
     rank, world, device = M.init_distributed()
     torch.manual_seed(args.seed)
-    policy = ref = engine = optimizer = None
+    policy = ref = engine = optimizer = metrics = None
     try:
         if args.prompts_per_step % world or args.mini_batch % world:
             raise SystemExit(f"--prompts-per-step and --mini-batch must be multiples of the world size {world}")
@@ -419,13 +418,13 @@ def main(argv: list[str] | None = None) -> None:
         if steps_per_epoch == 0:
             raise SystemExit(f"{len(indices)} usable rows, fewer than --prompts-per-step {args.prompts_per_step}")
         total_steps = args.max_steps or steps_per_epoch * args.epochs
+        import transformers
+        config = {**vars(args), "world_size": world, "torch": torch.__version__, "transformers": transformers.__version__}
         if rank == 0:
             if args.overwrite:
                 D.clear_outputs(out)
             out.mkdir(parents=True, exist_ok=True)
-            import transformers
-            versions = {"torch": torch.__version__, "transformers": transformers.__version__}
-            (out / "config.json").write_text(json.dumps({**vars(args), "world_size": world, **versions}, indent=2))
+            (out / "config.json").write_text(json.dumps(config, indent=2))
             print(json.dumps(vars(args)), flush=True)
         C.check_shared_out(out)  # several nodes: --out must be one directory they all see (--resume needs it)
         M.print0(f"{len(indices)} rows, {steps_per_epoch} steps per epoch, {total_steps} steps, {world} ranks")
@@ -458,10 +457,10 @@ def main(argv: list[str] | None = None) -> None:
                                         if args.rollout == "vllm" else {}))
         if start:
             engine.update_weights(policy)  # the engine loaded the initial weights from disk
-        metrics_file = D.open_metrics(out / "metrics.jsonl", start) if rank == 0 else None
+        metrics = D.Metrics(out, start, args, rank, config)
 
         if eval_rows is not None and args.eval_every and start == 0:
-            run_eval(engine, eval_rows, args, 0, metrics_file)  # the start point of the curve
+            run_eval(engine, eval_rows, args, 0, metrics)  # the start point of the curve
         for step in range(start, total_steps):
             t = {"start": time.perf_counter()}
             # ---- rollout: this rank's prompts, n completions each, seeded per (step, prompt) ----
@@ -549,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
             m = step_metrics(samples, zero_var, stats, gaps, norms, t, sum(update_tokens), world, device, peak_tflops)
             m["lr"] = optimizer.param_groups[0]["lr"]
             if rank == 0:
-                log_step(m, step + 1, total_steps, metrics_file)
+                log_step(m, step + 1, total_steps, metrics)
                 if args.dump_every and (step + 1) % args.dump_every == 0:
                     dump_rollouts(out / "rollouts" / f"step_{step + 1:06d}.jsonl", rows, samples, lengths, order, world)
             if m["canary_mean"] > args.canary_max_gap and args.temperature == 1.0:
@@ -562,13 +561,15 @@ def main(argv: list[str] | None = None) -> None:
 
             # ---- eval: evaluate.py's greedy run and summary on --eval-data ----
             if eval_rows is not None and args.eval_every and (step + 1) % args.eval_every == 0:
-                run_eval(engine, eval_rows, args, step + 1, metrics_file)
+                run_eval(engine, eval_rows, args, step + 1, metrics)
     except BaseException as e:
         M.exit_on_error(e)  # several ranks: print it and end the job now, not at the barrier below
         raise
     finally:
         if engine is not None:
             engine.close()
+        if metrics is not None:
+            metrics.close()
         del policy, ref, optimizer, engine
         M.cleanup_distributed()
 

@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--offload", action="store_true", help="keep the fp32 shards, gradients and AdamW state in host "
                                                           "memory (FSDP2 CPU offload: one GPU, slower steps)")
     L.add_args(p)
+    D.add_report_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/sft", help="output directory")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end of every epoch)")
@@ -102,6 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--resume continues the run in --out, --overwrite replaces it: pass one")
     args.dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() or args.plan else "float32")
     L.check_args(p, args)
+    D.check_report_args(p, args)
     return args
 
 
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"--global-batch {args.global_batch} (rows from prepare or filter get theirs from curate.py distill)")
     rank, world, device = M.init_distributed()
     torch.manual_seed(args.seed)
-    policy = optimizer = None
+    policy = optimizer = metrics = None
     try:
         if len(traced) < len(rows):
             M.print0(f"skipping {len(rows) - len(traced)} of {len(rows)} rows with no reasoning trace")
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
                                       lora=L.from_args(args, path)).train()
         optimizer = M.adamw(policy, args.lr, args.betas, args.weight_decay)
         start = C.load_training_checkpoint(policy, optimizer, out / "checkpoints") if args.resume else 0
-        metrics_file = D.open_metrics(out / "metrics.jsonl", start) if rank == 0 else None
+        metrics = D.Metrics(out, start, args, rank, {**vars(args), "world_size": world})
         pad = processor.tokenizer.pad_token_id
         last = min(total, args.max_steps or total)
         shapes, peak_tflops = P.shapes(path), P.peak_tflops(device, args.peak_tflops)  # for MFU
@@ -268,8 +270,7 @@ def main(argv: list[str] | None = None) -> None:
             if rank == 0:
                 print(f"step {m['step']}/{total} epoch {m['epoch']} loss {m['loss']:.4f} lr {m['lr']:.3g} "
                       f"gnorm {norm:.3f} | " + P.perf_line(m), flush=True)
-                metrics_file.write(json.dumps(m) + "\n")
-                metrics_file.flush()
+                metrics.log(m)
 
             # ---- checkpoint: every --save-every steps, or at each epoch's end, and at the last step ----
             end_of_epoch = (step + 1) % steps_per_epoch == 0
@@ -282,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
         M.exit_on_error(e)  # several ranks: print it and end the job now, not at the barrier below
         raise
     finally:
+        if metrics is not None:
+            metrics.close()
         del policy, optimizer
         M.cleanup_distributed()
 

@@ -98,13 +98,18 @@ def test_one_rank_and_two_ranks_train_the_same(tiny_path, sft_data, tmp_path, fl
 def test_gradient_accumulation_gives_the_same_update(tiny_path, sft_data, tmp_path):
     args = COMMON + ["--model", tiny_path, "--data", sft_data, "--global-batch", "8", "--epochs", "1", "--max-steps", "1"]
     whole = sft_cli(args + ["--micro-batch", "8", "--out", str(tmp_path / "whole")])
-    split = sft_cli(args + ["--micro-batch", "2", "--out", str(tmp_path / "split"), "--peak-tflops", "0.5"])
+    split = sft_cli(args + ["--micro-batch", "2", "--out", str(tmp_path / "split"), "--peak-tflops", "0.5",
+                            "--report-to", "tensorboard"])
     assert whole.returncode == 0 and split.returncode == 0, whole.stderr[-3000:] + split.stderr[-3000:]
     (w,), (s,) = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
                   for d in ("whole", "split")]
     # telemetry: the same tokens either way; MFU only with a peak (none on CPU), no device memory on CPU
     assert w["train_tok_s"] * w["s_step"] == pytest.approx(s["train_tok_s"] * s["s_step"], rel=1e-2)
     assert w["mfu"] is None and s["mfu"] == pytest.approx(s["tflops"] / 0.5) and s["peak_mem_gb"] is None
+    # --report-to tensorboard: the step's record in tensorboard's event file too
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "split" / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, pytest.approx(s["loss"]))]
     assert losses(tmp_path / "whole") == pytest.approx(losses(tmp_path / "split"), rel=1e-5)
     a, b, init = final_weights(tmp_path / "whole"), final_weights(tmp_path / "split"), load_file(f"{tiny_path}/model.safetensors")
     # AdamW's first step is lr * g / (|g| + eps): where a gradient is near eps, the last bits of its sum
