@@ -48,11 +48,16 @@ DEMO_PASS = --samples $(DEMO_SAMPLES) --max-new-tokens 64 --vllm-dtype float32
 DEMO_GRPO = --prompts-per-step 8 --group-size 8 --mini-batch 8 --micro-batch 16 --lr 3e-4 --warmup-steps 3 --kl-coef 0.1 \
 	--max-response-tokens 64 --max-steps $(DEMO_GRPO_STEPS) --eval-data $(DEMO)/data/test --eval-every $(DEMO_EVAL_EVERY) \
 	--save-every 0 --vllm-dtype float32
+RUN := OMP_NUM_THREADS=2 $(BIN)/python
 # The libraries' start-up logging (vLLM's engine set-up, transformers' and datasets' progress bars)
-# at warning level, so the stage banners, step lines and tables stand out: `make demo QUIET=` shows it.
-QUIET ?= VLLM_LOGGING_LEVEL=WARNING TRANSFORMERS_VERBOSITY=warning HF_HUB_DISABLE_PROGRESS_BARS=1 \
-	HF_DATASETS_DISABLE_PROGRESS_BARS=1
-RUN := OMP_NUM_THREADS=2 $(QUIET) $(BIN)/python
+# at warning level, so the stage banners, step lines and tables stand out: `make demo QUIET=0` shows it.
+QUIET ?= 1
+ifeq ($(QUIET),1)
+demo: export VLLM_LOGGING_LEVEL := WARNING
+demo: export TRANSFORMERS_VERBOSITY := warning
+demo: export HF_HUB_DISABLE_PROGRESS_BARS := 1
+demo: export HF_DATASETS_DISABLE_PROGRESS_BARS := 1
+endif
 demo: env
 	rm -rf $(DEMO)
 	@echo "== 1/7 toy data: stained tissue tiles; the stain (H&E, trichrome, Congo red, silver) shows in the image only"

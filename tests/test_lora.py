@@ -83,3 +83,24 @@ def test_bf16_base_is_frozen_in_the_compute_dtype_with_fp32_adapters(tiny_path):
     finally:
         del policy
         model.cleanup_distributed()
+
+
+def test_lora_vision_adapts_the_vision_blocks_too(processor, tiny_path):
+    model.init_distributed()
+    policy = optimizer = None
+    try:
+        policy = model.load_sharded_model(tiny_path, param_dtype=torch.float32,
+                                          lora=lora.lora_config(4, 8, lora.TARGETS, vision=True, base=tiny_path))
+        adapted = lora.adapter_modules(policy)
+        assert sorted({n.split(".blocks.0.")[1] for n in adapted if ".visual.blocks.0." in n}) == \
+            ["attn.proj", "attn.qkv", "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]
+        batch = model.build_batch(processor, make_toy_rows(2), [[100, 101], [102]])  # an image row and a text row
+        optimizer = model.adamw(policy, 1e-2, (0.9, 0.999), 0.0)
+        (-(model.token_logprobs(policy, batch) * batch["completion_mask"]).sum()).backward()
+        model.clip_and_step(policy, optimizer, 1.0, 1)
+        merged = model.load_model(tiny_path)
+        merged.load_state_dict(dict(model.full_state_items(policy)))
+        assert (logprobs(merged, batch) - logprobs(policy, batch)).abs().max() < 1e-5
+    finally:
+        del policy, optimizer
+        model.cleanup_distributed()
