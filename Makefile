@@ -49,12 +49,15 @@ DEMO_GRPO = --prompts-per-step 8 --group-size 8 --mini-batch 8 --micro-batch 16 
 	--max-response-tokens 64 --max-steps $(DEMO_GRPO_STEPS) --eval-data $(DEMO)/data/test --eval-every $(DEMO_EVAL_EVERY) \
 	--save-every 0 --vllm-dtype float32
 RUN := OMP_NUM_THREADS=2 $(BIN)/python
-# The libraries' start-up logging (vLLM's engine set-up, transformers' and datasets' progress bars)
-# at warning level, so the stage banners, step lines and tables stand out: `make demo QUIET=0` shows it.
+# The libraries' own logging at error level (vLLM's engine set-up and, on CPU, its warnings about
+# GPU-only kernels at every start; torch's and Python's warnings; transformers' and datasets' progress
+# bars), so the stage banners, step lines and tables stand out: `make demo QUIET=0` shows all of it.
 QUIET ?= 1
 ifeq ($(QUIET),1)
-demo: export VLLM_LOGGING_LEVEL := WARNING
-demo: export TRANSFORMERS_VERBOSITY := warning
+demo: export VLLM_LOGGING_LEVEL := ERROR
+demo: export TRANSFORMERS_VERBOSITY := error
+demo: export TORCH_CPP_LOG_LEVEL := ERROR
+demo: export PYTHONWARNINGS := ignore
 demo: export HF_HUB_DISABLE_PROGRESS_BARS := 1
 demo: export HF_DATASETS_DISABLE_PROGRESS_BARS := 1
 endif
