@@ -49,6 +49,10 @@ def check_args(p, args) -> None:
         p.error(f"--lora-rank must be at least 0, got {args.lora_rank}")
     if args.lora_rank and args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.lora_rank
+    unknown = {t.strip() for t in args.lora_targets.split(",")} - set(TARGETS.split(","))
+    if unknown or not args.lora_targets.strip():
+        p.error(f"--lora-targets: {', '.join(sorted(unknown)) or 'none given'}; the decoder layers' linear layers "
+                f"are {TARGETS}")
     if args.lora_rank:
         try:
             import peft  # noqa: F401

@@ -104,3 +104,15 @@ def test_lora_vision_adapts_the_vision_blocks_too(processor, tiny_path):
     finally:
         del policy, optimizer
         model.cleanup_distributed()
+
+
+def test_lora_flags_are_checked_before_anything_loads(capsys):
+    import grpo
+    import sft
+
+    for parse in (grpo.parse_args, sft.parse_args):
+        with pytest.raises(SystemExit):
+            parse(["--plan", "--lora-rank", "8", "--lora-targets", "q_proj,qkv"])
+        assert "--lora-targets: qkv; the decoder layers' linear layers are" in capsys.readouterr().err
+        args = parse(["--plan", "--lora-rank", "16"])
+        assert args.lora_alpha == 32 and args.lora_targets == lora.TARGETS
