@@ -1,13 +1,14 @@
 """grpo.py end to end on CPU: two ranks with vLLM rollouts, kill -9 and resume, prompt-length policy."""
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 import data
 import model
-from conftest import kill_when, run_script
 from batching import balanced_order
+from conftest import kill_when, run_script
 
 SMALL = ["--prompts-per-step", "4", "--group-size", "4", "--mini-batch", "2", "--micro-batch", "4",
          "--max-response-tokens", "20", "--lr", "1e-3", "--dump-every", "1", "--vllm-dtype", "float32"]
@@ -67,17 +68,20 @@ def test_two_steps_on_two_ranks_with_vllm(sft_tiny, toy_data, tmp_path):
     assert metrics[0]["kl"] > 0 and metrics[0]["grad_norm"] > 0  # the second update moved away from the reference
 
 
-def test_kill_and_resume_is_bit_identical(sft_tiny, toy_data, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_kill_and_resume_is_bit_identical(sft_tiny, toy_data, tmp_path, lora):
     common = ["--model", sft_tiny, "--data", toy_data, "--max-steps", "3", "--save-every", "1", "--rollout", "hf",
               "--kl-coef", "0", "--warmup-steps", "2"] + SMALL + ["--mini-batch", "4"]  # one update a step: on-policy
+    common += ["--lora-rank", "8", "--lr", "1e-2"] if lora else []  # LoRA: resume/ holds the adapters alone
     full = grpo(common + ["--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr[-5000:]
     assert "reference model: none" in full.stdout
-    padded = grpo(common + ["--out", str(tmp_path / "padded"), "--no-packing", "--max-steps", "2"])
-    assert padded.returncode == 0, padded.stderr[-5000:]
-    assert_same_update(metrics_of(tmp_path / "full")[:2], metrics_of(tmp_path / "padded"))
-    lrs = [json.loads(line)["lr"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    assert lrs == [5e-4, 1e-3, 1e-3]  # linear warm-up over 2 steps, then --lr
+    if not lora:
+        padded = grpo(common + ["--out", str(tmp_path / "padded"), "--no-packing", "--max-steps", "2"])
+        assert padded.returncode == 0, padded.stderr[-5000:]
+        assert_same_update(metrics_of(tmp_path / "full")[:2], metrics_of(tmp_path / "padded"))
+        lrs = [json.loads(line)["lr"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+        assert lrs == [5e-4, 1e-3, 1e-3]  # linear warm-up over 2 steps, then --lr
     # the same run, killed with SIGKILL as soon as its first checkpoint is complete
     out = tmp_path / "killed"
     kill_when("grpo.py", common + ["--out", str(out)], (out / "checkpoints" / "step_000001" / "trainer_state.json").exists)
