@@ -89,17 +89,19 @@ def add_adapters(model, config) -> None:
 
     model.requires_grad_(False)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    model.lora_config = config
     if not adapter_modules(model):
         raise SystemExit(f"--lora-targets matched no module of {type(model).__name__}: {config.target_modules}")
     for name, param in model.named_parameters():
         if ".lora_" in name:
             param.data = param.data.float()
             param.requires_grad_(True)
-    model.lora_config = config
 
 
 def adapter_modules(model) -> dict[str, torch.nn.Module]:
-    """{module name: peft LoRA layer}, in module order; empty for a model without adapters."""
+    """{module name: peft LoRA layer}, in module order; empty for a model without adapters (peft unneeded)."""
+    if not is_lora(model):
+        return {}
     from peft.tuners.lora import LoraLayer
 
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
@@ -135,11 +137,13 @@ def merged_weight(m) -> torch.Tensor:
 def merged_items(model, dtype: torch.dtype | None = None, adapted_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, full tensor) of the merged model, one tensor at a time: every adapted
     module's weight merged with its adapter under the module's own name, the adapters themselves left
-    out. adapted_only: just the blocks that hold an adapted module (a decoder layer's self_attn or
-    mlp), whole, since vLLM fuses q/k/v and gate/up into one layer that must be loaded entirely;
-    else every parameter and buffer. Every rank iterates (collectives)."""
+    out; a model without adapters: its own tensors as they are. adapted_only (with adapters): just the
+    blocks that hold an adapted module (a decoder layer's self_attn or mlp), whole, since vLLM fuses
+    q/k/v and gate/up into one layer that must be loaded entirely; else every parameter and buffer.
+    Every rank iterates (collectives)."""
     layers = adapter_modules(model)
     blocks = tuple({name.rpartition(".")[0] + "." for name in layers})
+    adapted_only = adapted_only and bool(layers)
     for key, tensor in model.state_dict().items():
         if ".lora_" in key or adapted_only and not key.startswith(blocks):  # adapters fold into their base
             continue

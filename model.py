@@ -612,12 +612,6 @@ def enable_gradient_checkpointing(model) -> None:
 def full_state_items(model, dtype: torch.dtype | None = None, changed_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) for every parameter and buffer, gathered one at a time from the FSDP2
     shards, so no second full copy of the model ever exists. Every rank must iterate (collectives).
-    With LoRA adapters: the merged model's Hugging Face tensors (lora.merged_items), and with
-    changed_only only the blocks that hold adapters (the weight sync)."""
-    if L.is_lora(model):
-        yield from L.merged_items(model, dtype, adapted_only=changed_only)
-        return
-    for name, tensor in model.state_dict().items():
-        if hasattr(tensor, "full_tensor"):  # a DTensor shard
-            tensor = tensor.full_tensor()
-        yield name, tensor.detach().to(dtype or tensor.dtype)
+    With LoRA adapters: the merged model's Hugging Face tensors, and with changed_only only the blocks
+    that hold adapters (the weight sync); lora.merged_items walks both kinds of model."""
+    return L.merged_items(model, dtype, adapted_only=changed_only)
