@@ -13,6 +13,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The environment for the scripts the tests start, taken before any test runs: model.init_distributed
 # later sets RANK, MASTER_PORT, ... in this process (a one-rank group), which a child must not inherit.
 SCRIPT_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# For scripts whose peak RSS a test measures: glibc's heap otherwise keeps freed blocks of up to 32 MB (its
+# dynamic mmap threshold rises to the largest block freed) in the RSS, tens of MB of slack that is the
+# allocator's, not the program's, and varies from run to run (a load's rank 1 read 290 MB with this, 330-380
+# without). A fixed threshold turns the dynamic one off.
+MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 # Files that take minutes, slowest first (measured with --durations): `make test`'s two workers take
