@@ -113,15 +113,21 @@ def is_lora(model) -> bool:
 
 @contextmanager
 def adapters_off(model):
-    """The base model: every adapter switched off for the block (GRPO's reference log-probs)."""
+    """The base model: every adapter switched off for the block (GRPO's reference log-probs).
+
+    peft's flag alone (`_disable_adapters`, what its forward reads), not its `enable_adapters(False)`:
+    that also sets requires_grad=False on the adapters, and when the reference forward is the policy's
+    first (GRPO with one update per step), FSDP2 fixes each unit's dtypes then, from the parameters that
+    need gradients: with none, a bf16 run's gradients would come back in bf16 (an error for the fp32
+    adapters)."""
     layers = adapter_modules(model).values()
     for m in layers:
-        m.enable_adapters(False)
+        m._disable_adapters = True
     try:
         yield model
     finally:
         for m in layers:
-            m.enable_adapters(True)
+            m._disable_adapters = False
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

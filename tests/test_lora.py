@@ -68,9 +68,12 @@ def test_adapters_train_alone_and_leave_as_a_merged_model_and_a_peft_adapter(fam
         model.cleanup_distributed()
 
 
-def test_bf16_base_is_frozen_in_the_compute_dtype_with_fp32_adapters(tiny_path):
+def test_bf16_base_is_frozen_in_the_compute_dtype_with_fp32_adapters(processor, tiny_path):
     """The one-GPU memory saving: no fp32 copy of the frozen base (FSDP2 accepts mixed dtypes in a unit
-    as long as its trainable parameters share one)."""
+    as long as its trainable parameters share one). The first forward is the reference's, adapters off
+    (GRPO with one update per step has no old-log-prob pass): FSDP2 fixes each unit's dtypes then, from
+    the parameters that need gradients, so switching the adapters off must leave them trainable, or
+    the gradients come back in bf16, unreduced in fp32."""
     model.init_distributed()
     policy = None
     try:
@@ -80,6 +83,12 @@ def test_bf16_base_is_frozen_in_the_compute_dtype_with_fp32_adapters(tiny_path):
         assert dtypes == {torch.bfloat16}
         assert {p.dtype for p in policy.parameters() if p.requires_grad} == {torch.float32}
         assert {t.dtype for _, t in model.full_state_items(policy)} == {torch.bfloat16}
+        batch = model.build_batch(processor, make_toy_rows(2), [[100, 101], [102]])
+        with lora.adapters_off(policy):
+            logprobs(policy, batch)
+        (-(model.token_logprobs(policy, batch) * batch["completion_mask"]).sum()).backward()
+        grads = [p.grad for p in policy.parameters() if p.requires_grad]
+        assert grads and all(g is not None and g.dtype == torch.float32 for g in grads)
     finally:
         del policy
         model.cleanup_distributed()
