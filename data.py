@@ -112,9 +112,9 @@ def resumable_map(fn, rows, path: Path, chunk_rows: int = 256, tag: dict | None 
 
 def open_metrics(path: Path, start_step: int):
     """metrics.jsonl for appending (rank 0). Lines of steps after `start_step` are dropped first: a
-    resumed run logs them again, and a fresh run (start 0) starts an empty file. A torn last line
-    (a kill mid-write) is dropped with them."""
-    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step]
+    resumed run logs them again, and a run that starts at step 0 (fresh, or resumed before any
+    checkpoint) starts an empty file. A torn last line (a kill mid-write) is dropped with them."""
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step] if start_step else []
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return open(path, "a")
 
@@ -169,7 +169,7 @@ class Metrics:
         if args.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
-            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else 0)
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", start_step)
         elif args.report_to == "wandb":
             import wandb

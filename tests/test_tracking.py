@@ -1,6 +1,7 @@
 """--report-to: every metrics record also goes to tensorboard (read back with tensorboard's own reader)
 or wandb (offline: its local run files), from rank 0 only; a resumed run continues the same tracker run."""
 import json
+import time
 from argparse import Namespace
 
 import data
@@ -17,6 +18,7 @@ def log_and_resume(out, report_to: str) -> None:
     first.log({"step": 2, "loss": 1.5})
     first.log({"step": 3, "loss": 1.0})  # lost with the kill: logged again after the resume
     first.close()
+    time.sleep(1.1)  # wandb names a run's directory by the second it starts: a resume within it would reuse it
     data.Metrics(out.parent / "other", 0, tracked(report_to), rank=1).log({"step": 1, "loss": 9.0})  # no-op
     resumed = data.Metrics(out, 2, tracked(report_to), rank=0)
     resumed.log({"step": 3, "loss": 0.5})
@@ -44,6 +46,24 @@ def test_tensorboard_event_files(tmp_path):
     assert '"lr": 0.5' in config
 
 
+def test_a_resume_before_the_first_checkpoint_starts_the_curves_again(tmp_path):
+    """Killed before any checkpoint (SFT's first epoch), --resume starts at step 0: the killed run's
+    records, its step-0 evaluation included, are dropped from metrics.jsonl and from tensorboard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    killed = data.Metrics(tmp_path, 0, tracked("tensorboard"), rank=0)
+    for step, loss in enumerate([3.0, 2.0, 1.0]):
+        killed.log({"step": step, "loss": loss})
+    killed.close()
+    resumed = data.Metrics(tmp_path, 0, tracked("tensorboard"), rank=0)
+    resumed.log({"step": 0, "loss": 3.5})
+    resumed.log({"step": 1, "loss": 2.5})
+    resumed.close()
+    assert [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [3.5, 2.5]
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(0, 3.5), (1, 2.5)]
+
+
 def wandb_records(path) -> list:
     """The records of a wandb offline run file (run-ID.wandb): wandb's own protobuf Records in LevelDB's
     log framing (after a 7-byte file header: 32 KiB blocks of chunks, each with a 7-byte header of crc,
@@ -64,6 +84,21 @@ def wandb_records(path) -> list:
     return records
 
 
+def finished_records(path, timeout: float = 60.0) -> list:
+    """wandb_records once the file ends with the run's exit record: wandb's finish() returns before its
+    service has written everything (read at once, a loaded machine saw a resumed run's file empty)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            records = wandb_records(path)
+            if records and records[-1].WhichOneof("record_type") == "exit":
+                return records
+        except Exception:  # a record still being written
+            pass
+        assert time.time() < deadline, f"{path}: no exit record after {timeout:.0f} s"
+        time.sleep(0.2)
+
+
 def test_wandb_offline_run_files(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -73,7 +108,7 @@ def test_wandb_offline_run_files(tmp_path, monkeypatch):
     run_id = (out / "wandb_run_id").read_text()
     files = sorted((out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(files) == 2  # the resume continued the same run
-    records = [r for f in files for r in wandb_records(f)]
+    records = [r for f in files for r in finished_records(f)]
     runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert {(r.run_id, r.display_name, r.project) for r in runs} == {(run_id, "demo-run", "medvlt-tests")}
     assert json.loads({i.key: i.value_json for i in runs[0].config.update}["lr"]) == 0.5
