@@ -49,6 +49,8 @@ def check_args(p, args) -> None:
         p.error(f"--lora-rank must be at least 0, got {args.lora_rank}")
     if args.lora_rank and args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.lora_rank
+    if args.lora_rank and args.lora_alpha <= 0:  # a scale of alpha / r = 0 would train nothing, silently
+        p.error(f"--lora-alpha must be positive, got {args.lora_alpha:g}")
     unknown = {t.strip() for t in args.lora_targets.split(",")} - set(TARGETS.split(","))
     if unknown or not args.lora_targets.strip():
         p.error(f"--lora-targets: {', '.join(sorted(unknown)) or 'none given'}; the decoder layers' linear layers "

@@ -442,7 +442,7 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
             ("FSDP2 two blocks gathered, gradient", blocks, "update C"),
             ("root gradients + fp32 reduce-scatter input", reduce, "update B")]
     if r.lora_params:
-        rows.insert(0, ("frozen base weights (compute dtype, sharded)", c * P / W, "always"))
+        rows.insert(0, (f"frozen base weights (compute dtype, sharded{where})", on_gpu * c * P / W, "always"))
     if r.ref == "gpu":
         rows.append(("reference model (fp32, sharded)", 4 * P / W, "always"))
     if r.step_sequences:  # the batches themselves wait in host memory
@@ -483,6 +483,8 @@ def plan_memory(s: Shapes, r: Run) -> Plan:
             ("rank 0 gathers a checkpoint (compute dtype)", c * P / GiB)]
     if r.offload:
         host.append(("policy shards, gradients, AdamW (--offload)", k * 16 * T / W / GiB))
+        if r.lora_params:
+            host.append(("frozen base shards (--offload)", k * c * P / W / GiB))
     if r.ref == "host":
         host.append(("reference model shards (--ref-offload)", k * 4 * P / W / GiB))
     if r.vllm:

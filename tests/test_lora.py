@@ -123,5 +123,8 @@ def test_lora_flags_are_checked_before_anything_loads(capsys):
         with pytest.raises(SystemExit):
             parse(["--plan", "--lora-rank", "8", "--lora-targets", "q_proj,qkv"])
         assert "--lora-targets: qkv; the decoder layers' linear layers are" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            parse(["--plan", "--lora-rank", "8", "--lora-alpha", "0"])
+        assert "--lora-alpha must be positive, got 0" in capsys.readouterr().err
         args = parse(["--plan", "--lora-rank", "16"])
         assert args.lora_alpha == 32 and args.lora_targets == lora.TARGETS

@@ -282,6 +282,21 @@ def test_recipe_plans_are_sane_and_match_the_readme():
     assert all(fit for label, fit in fits.items() if "Qwen3-VL" in label)
 
 
+def test_offload_moves_a_lora_base_to_host_memory_too():
+    """FSDP2's CPU offload takes every sharded parameter, the frozen base with the adapters: with LoRA,
+    --offload frees c P / W of GPU memory and holds it in host memory instead."""
+    import dataclasses
+
+    s = plan.shapes("qwen2.5-vl-7b")
+    P, T = plan.param_counts(s)["total"], plan.lora_params(s, 64)
+    lora = plan.Run("sft", 1, 1, 4096, 4096, 512, lora_params=T)
+    on_gpu, offloaded = plan.plan_memory(s, lora), plan.plan_memory(s, dataclasses.replace(lora, offload=True))
+    saved = on_gpu.phases["update"] - offloaded.phases["update"]
+    assert saved * plan.GiB == pytest.approx(2 * P + 16 * T, rel=1e-6)  # the bf16 base, the adapters' fp32 state
+    host = lambda p: sum(gib for _, gib in p.host[1:])  # noqa: E731  (what is held after the start-up read)
+    assert (host(offloaded) - host(on_gpu)) * plan.GiB == pytest.approx(2 * P + 16 * T, rel=1e-6)
+
+
 ONE_GPU = ["--plan", "--world-size", "1", "--gpu-memory-gb", "80"]
 NO_OFFLOAD = "python grpo.py --model qwen2.5-vl-3b --ref-offload --data ROWS --out runs/grpo-3b"  # the issue's starting point
 
