@@ -240,8 +240,11 @@ class HFEngine:
             if row_seed is not None:
                 torch.manual_seed(row_seed)
             sample = temperature > 0
+            # Every sampling setting given: generate fills the others from the checkpoint's
+            # generation_config.json (Qwen2.5-VL's: repetition_penalty 1.05), which vLLM ignores
             out = model.generate(**enc, do_sample=sample, temperature=temperature if sample else None,
-                                 top_p=top_p if sample else None, top_k=None, num_return_sequences=n,
+                                 top_p=top_p if sample else None, top_k=None, repetition_penalty=1.0,
+                                 num_return_sequences=n,
                                  max_new_tokens=max_new_tokens, suppress_tokens=self.suppress, use_cache=True,
                                  output_logits=True, return_dict_in_generate=True, synced_gpus=sharded,
                                  pad_token_id=tok.pad_token_id, eos_token_id=sorted(stop))

