@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 import checkpoints
 import model
@@ -241,6 +241,26 @@ def test_save_load_round_trip(tiny_model, processor, tmp_path):
     checkpoints.save_checkpoint(tiny_model, processor, out, {"step": 8}, dtype=torch.bfloat16)
     assert json.loads((out / "trainer_state.json").read_text())["step"] == 8
     assert AutoModelForImageTextToText.from_pretrained(out).lm_head.weight.dtype == torch.bfloat16
+
+
+def test_tied_embeddings_are_saved_once(tiny_path, processor, tmp_path):
+    """Like the hub's 3B: no lm_head.weight beside the tied embeddings (full_state_items gathers both
+    names as separate tensors; save_pretrained drops the tied one by the config), and the loaded model
+    ties them again."""
+    from safetensors import safe_open
+
+    config = AutoConfig.from_pretrained(tiny_path)
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    tied = AutoModelForImageTextToText.from_config(config)
+    assert tied.lm_head.weight is tied.model.language_model.embed_tokens.weight
+    checkpoints.save_checkpoint(tied, processor, tmp_path / "ckpt", {"step": 1}, dtype=torch.float32)
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys  # transformers writes the hub's names
+    back = AutoModelForImageTextToText.from_pretrained(tmp_path / "ckpt")
+    assert back.lm_head.weight is back.model.language_model.embed_tokens.weight
+    assert all(torch.equal(v, tied.state_dict()[k]) for k, v in back.state_dict().items())
 
 
 def test_tiny_is_deterministic_per_seed(tmp_path):
