@@ -328,19 +328,21 @@ def api_complete(args, row: dict, stop: threading.Event) -> list[str] | None:
         if attempt == args.retries:
             print(f"row {row.get('dataset_index')}: no answer after {attempt + 1} tries ({error})", flush=True)
             return None
-        time.sleep(args.backoff * 2 ** attempt)
+        stop.wait(args.backoff * 2 ** attempt)  # a backoff ends early when the run stops
 
 
 def api_teach(args, rows: list[dict]) -> list[list[str] | None]:
     """api_complete for every row, --concurrency requests at a time. An auth error stops the run:
     the requests not started yet are cancelled, and none is sent after it (a worker may already have
-    picked up the next row before the cancel)."""
+    picked up the next row before the cancel). So does Ctrl-C or any other error: the workers' pending
+    retries and backoffs end instead of holding the pool open."""
     stop = threading.Event()
     with ThreadPoolExecutor(args.concurrency) as pool:
         futures = [pool.submit(api_complete, args, row, stop) for row in rows]
         try:
             return [f.result() for f in futures]
         except BaseException:
+            stop.set()
             for f in futures:
                 f.cancel()
             raise

@@ -1,15 +1,28 @@
 """tools/gpu_check.py on CPU: the rows a CPU can run pass, the GPU rows skip with their reason, and a
 FAIL anywhere makes the exit code 1. Its GPU run is recorded in benchmarks/RESULTS.md when a GPU is lent."""
+import io
+from types import SimpleNamespace
+
 import torch
 
 from conftest import run_script
-from tools.gpu_check import Row, exit_code, shaped_config, table
+from tools.gpu_check import Row, exit_code, run, run_check, shaped_config, table
 
 
 def test_table_and_exit_code():
     rows = [Row("a", "PASS", "1.0"), Row("b", "SKIP", "no GPU")]
     assert exit_code(rows) == 0 and exit_code(rows + [Row("c", "FAIL", "exit 1: boom")]) == 1
     assert "| b | SKIP | no GPU | 0 |" in table(rows, "header")
+
+
+def test_a_check_that_raises_or_hangs_is_one_fail_row():
+    ctx = SimpleNamespace(log=io.StringIO())
+    rows = run_check(ctx, "broken", lambda c: {}["missing"], None)
+    assert [(r.check, r.status, r.figure) for r in rows] == [("broken", "FAIL", "KeyError: 'missing'")]
+    assert "KeyError" in ctx.log.getvalue()
+    assert run_check(ctx, "gpu-only", None, "no GPU")[0].status == "SKIP"
+    hung = run(["-c", "import time; print('started', flush=True); time.sleep(120)"], timeout=2)
+    assert hung.returncode == 124 and hung.stdout == "started\n" and "timed out after 2 s" in hung.stderr
 
 
 def test_the_3b_shape_with_fewer_layers():

@@ -14,7 +14,8 @@ and the FSDP2 step benchmark on the whole 3B. The tokenizer and processor are th
                 |vLLM - trainer| after each sync against --max-canary-gap; torch's peak memory against the
                 planner's phases for the same flags (the plan is a worst case: the peak must not pass it)
   grpo-hf       the same two steps with `--rollout hf` (needs no vLLM)
-  grpo-lora     the same two steps with --lora-rank 8 (bf16 base, fp32 adapters, merged sync)
+  grpo-lora     the same two steps with --lora-rank 8 (bf16 base, fp32 adapters, merged sync), one update
+                per step (so the reference's adapters-off forward is the policy's first)
   sft-offload   two SFT steps with --offload (FSDP2 CPU offload, pinned host memory)
   engine        vLLM alone: a greedy generation before a sync, after a sync of perturbed weights (must
                 differ) and after a sync back (must equal the first: prefix and encoder caches reset);
@@ -32,9 +33,11 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,11 +93,12 @@ def shaped_checkpoint(hub_id: str, layers: int, processor_path: str, cache: Path
     import model as M
 
     path = cache / f"random-{hub_id.split('/')[-1]}-{layers}-layers"
-    if not (path / "config.json").exists():
+    if not (path / "done").exists():  # written last: a run stopped while writing starts it again
         config, model_class = shaped_config(hub_id, layers)
         print(f"writing a random {hub_id}-shaped checkpoint with {layers} layers to {path} (once)", flush=True)
         model_class(config).to(torch.bfloat16).save_pretrained(path)
         M.load_processor(processor_path).save_pretrained(path)
+        (path / "done").touch()
     return str(path)
 
 
@@ -115,13 +119,24 @@ def processor_source() -> str | None:
 # ---- running the project's scripts ----
 
 def run(cmd: list[str], timeout: float, ranks: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python CMD` (or under torchrun) from the project root. Past `timeout`: SIGTERM (torchrun passes it
+    on to its workers, which run in their own sessions), a minute's grace, then SIGKILL; exit code 124
+    with the output so far, so the rows after it still find the GPUs free."""
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
               if ranks > 1 else [sys.executable])
+    proc = subprocess.Popen(launch + cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
     try:
-        return subprocess.run(launch + cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})})
-    except subprocess.TimeoutExpired as e:
-        return subprocess.CompletedProcess(e.cmd, 124, e.stdout or "", f"timed out after {timeout:.0f} s")
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        return subprocess.CompletedProcess(proc.args, 124, out, f"{err}\ntimed out after {timeout:.0f} s")
 
 
 def failure(proc: subprocess.CompletedProcess) -> str:
@@ -151,9 +166,15 @@ class Context:
         if self.gpus == 0:
             cmd += ["--vllm-dtype", "float32"]
         proc = self.logged(name, run(cmd + flags, self.args.timeout, ranks))
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
-            if (out / "metrics.jsonl").exists() else []
-        return proc, metrics
+        return proc, self.metrics(out)
+
+    def metrics(self, out: Path) -> list[dict]:
+        """A run's metrics records; its checkpoints deleted (a run's last step always saves one: ~18 GB
+        for the 3B shape with its optimizer state, and the rows together would fill a 64 GB disk)."""
+        import data as D
+
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        return D.read_jsonl(out / "metrics.jsonl")
 
     def canary_row(self, name: str, flags: list[str], ranks: int = 1) -> Row:
         proc, metrics = self.grpo(name, flags, ranks)
@@ -172,21 +193,22 @@ def check_grpo_vllm(ctx: Context) -> list[Row]:
     row = ctx.canary_row("grpo-vllm", [])
     rows = [row]
     if ctx.gpus and row.status == "PASS":
-        metrics = [json.loads(line) for line in (ctx.work / "grpo-vllm" / "metrics.jsonl").read_text().splitlines()]
-        measured = max(m.get("peak_mem_gb") or 0 for m in metrics)
+        measured = max(m.get("peak_mem_gb") or 0 for m in ctx.metrics(ctx.work / "grpo-vllm"))
         plan = ctx.logged("plan", run(["grpo.py", "--plan", "--model", ctx.model, "--prompts-per-step", "4",
                                        "--group-size", "4", "--mini-batch", "2", "--micro-batch", "8",
                                        "--max-response-tokens", "64", "--max-prompt-tokens", "1024"], 300))
         peaks = re.search(r"peak: rollout ([\d.]+) GiB, update ([\d.]+) GiB", plan.stdout)
         if not peaks:
             rows.append(Row("planner vs measured", "FAIL", failure(plan)))
-        else:  # the plan is a worst case: torch's peak must stay under its larger phase (whether torch's
-            # statistics count vLLM's sleep-mode pool or not, which this row's figure shows)
+        else:  # the plan is a worst case: torch's peak must stay under it. vLLM's sleep-mode pool is
+            # torch tensors whose pages are unmapped while asleep: if torch's statistics count them,
+            # the update's peak holds the vLLM rows too (the figure shows which: above the update's plan)
             rollout, update = float(peaks[1]), float(peaks[2])
-            ok = measured <= max(rollout, update)
+            vllm = sum(float(gib) for gib in re.findall(r"^\s+vLLM .*?([\d.]+)\s+rollout$", plan.stdout, re.M))
+            ok = measured <= max(rollout, update + vllm)
             rows.append(Row("planner vs measured", "PASS" if ok else "FAIL",
-                            f"torch's peak {measured:.1f} GiB; plan: rollout {rollout:.1f} GiB (with vLLM), "
-                            f"update {update:.1f} GiB"))
+                            f"torch's peak {measured:.1f} GiB; plan: rollout {rollout:.1f} GiB, update "
+                            f"{update:.1f} GiB, vLLM's rows {vllm:.1f} GiB"))
     return rows
 
 
@@ -256,9 +278,9 @@ def check_sft_offload(ctx: Context) -> list[Row]:
                                           "--global-batch", "4", "--micro-batch", "2", "--max-length", "2048",
                                           "--offload", "--save-every", "1000", "--overwrite", "--out", str(out)],
                                          ctx.args.timeout))
+    losses = [m["loss"] for m in ctx.metrics(out) if "loss" in m]
     if proc.returncode:
         return [Row("sft-offload", "FAIL", failure(proc))]
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     ok = len(losses) == 2 and all(x == x and x < 100 for x in losses)
     return [Row("sft-offload", "PASS" if ok else "FAIL", "losses " + ", ".join(f"{x:.3f}" for x in losses))]
 
@@ -299,7 +321,8 @@ def plan_checks(ctx: Context) -> list[tuple[str, object, str | None]]:
     return [
         ("grpo-vllm", check_grpo_vllm, why(no_vllm)),
         ("grpo-hf", lambda c: [c.canary_row("grpo-hf", ["--rollout", "hf"])], None),
-        ("grpo-lora", lambda c: [c.canary_row("grpo-lora", ["--lora-rank", "8"] + ([] if vllm else ["--rollout", "hf"]))],
+        ("grpo-lora", lambda c: [c.canary_row("grpo-lora", ["--lora-rank", "8", "--mini-batch", "4"]
+                                              + ([] if vllm else ["--rollout", "hf"]))],
          why((installed("peft"), "no peft installed"))),
         ("sft-offload", check_sft_offload, None),
         ("engine", check_engine, why(no_vllm)),
@@ -309,6 +332,20 @@ def plan_checks(ctx: Context) -> list[tuple[str, object, str | None]]:
          why(one_gpu)),
         ("rank-fault", check_rank_fault, why(one_gpu)),
     ]
+
+
+def run_check(ctx: Context, name: str, check, skip: str | None) -> list[Row]:
+    """A check's rows, timed; a check that raises is one FAIL row (its traceback in the log), not the end
+    of the table."""
+    start = time.time()
+    try:
+        rows = [Row(name, "SKIP", skip)] if skip else check(ctx)
+    except Exception as e:  # noqa: BLE001
+        ctx.log.write(f"\n==== {name}: the check itself raised\n{traceback.format_exc()}\n")
+        rows = [Row(name, "FAIL", f"{type(e).__name__}: {str(e)[:160]}")]
+    for r in rows:
+        r.seconds = time.time() - start
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print("\n".join(CHECKS))
         return 0
+    if args.model and Path(args.model).exists():  # the runs start in the project root
+        args.model = str(Path(args.model).resolve())
     chosen = [c.strip() for c in args.checks.split(",") if c.strip()]
     if unknown := set(chosen) - set(CHECKS):
         p.error(f"unknown checks {sorted(unknown)}: one of {', '.join(CHECKS)}")
@@ -356,17 +395,16 @@ def main(argv: list[str] | None = None) -> int:
                                    if gpus else source)
         if data.returncode:
             rows.append(Row("setup", "FAIL", failure(data)))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for name, check, skip in plan_checks(ctx) if not rows else []:
         if name not in chosen:
             continue
-        start = time.time()
-        new = [Row(name, "SKIP", skip)] if skip else check(ctx)
+        new = run_check(ctx, name, check, skip)
         for r in new:
-            r.seconds = time.time() - start
             print(f"{r.check:<40} {r.status:<5} {r.figure}", flush=True)
         rows += new
+        Path(args.out).write_text(table(rows, header))  # after every row: a stopped run keeps what it measured
     text = table(rows, header)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(f"\n{text}\nwritten to {args.out}; every run's output in {ctx.work / 'log.txt'}", flush=True)
     return exit_code(rows)
