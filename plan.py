@@ -281,8 +281,9 @@ def peak_tflops(device, override: float | None = None) -> float | None:
 # ---- telemetry shared by the stages' step lines ----
 
 def peak_device_memory_gb() -> float | None:
-    """The trainer's peak GPU memory so far (torch's allocator; vLLM's sleep-mode pool is not in it);
-    None on CPU."""
+    """The trainer's peak GPU memory so far (torch's allocator statistics; whether they count vLLM's
+    sleep-mode pool, torch tensors whose pages are unmapped while asleep, is what gpu_check's planner
+    row shows); None on CPU."""
     return torch.cuda.max_memory_allocated() / GiB if torch.cuda.is_available() else None
 
 
