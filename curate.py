@@ -41,6 +41,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
+import checkpoints as C
 import data as D
 import model as M
 import rollout
@@ -233,6 +234,13 @@ def save_dataset(data, out: str) -> None:
 
 # ---- pass counts: how often the 3B model answers right in 16 samples ----
 
+def sampling_tag(args, model: str) -> dict:
+    """What a pass count or a trace depends on besides its row: the model (checkpoints.model_id: a local
+    one with the time its weights were written) and the sampling. Every record carries it; a re-run into
+    the same --out reuses only records with the same tag, so another model's counts never pass as these."""
+    return {"model": model, "samples": args.samples, "seed": args.seed, "max_new_tokens": args.max_new_tokens}
+
+
 def passcount(args) -> None:
     rows = D.load_rows(args.data, args.split)  # rows are decoded one at a time, when their chunk runs
     D.check_rows(rows, args.data)  # results join on dataset_index
@@ -252,7 +260,8 @@ def passcount(args) -> None:
                                       seed=rollout.request_seeds(args.seed, positions, args.samples))
             return [{"pass_count": sum(R.is_correct(c.text, row) for c in group)} for row, group in zip(share, outputs)]
 
-        results = D.resumable_map(count, rows, Path(f"{args.out}.results.jsonl"), args.chunk_rows, desc="rows")
+        results = D.resumable_map(count, rows, Path(f"{args.out}.results.jsonl"), args.chunk_rows, desc="rows",
+                                  tag=sampling_tag(args, C.model_id(path)))
         if rank == 0:
             counts = [r["pass_count"] for r in results]
             save_dataset(rows.remove_columns([c for c in ["pass_count"] if c in rows.column_names])
@@ -375,7 +384,8 @@ def distill(args) -> None:
                     {"reasoning": next((think_content(t) for t in samples if R.is_correct(t, row) and think_content(t)),
                                        None), "samples": len(samples)} for row, samples in zip(share, texts)]
 
-        results = D.resumable_map(teach, rows, Path(f"{args.out}.results.jsonl"), args.chunk_rows, desc="rows")
+        results = D.resumable_map(teach, rows, Path(f"{args.out}.results.jsonl"), args.chunk_rows, desc="rows",
+                                  tag=sampling_tag(args, args.teacher if path is None else C.model_id(path)))
         if rank == 0:
             traces = [r["reasoning"] if r else None for r in results]
             kept = rows.remove_columns([c for c in ["reasoning"] if c in rows.column_names]).add_column("reasoning", traces)

@@ -176,17 +176,23 @@ def test_distill_against_a_local_server(tmp_path):
     Dataset.from_list(make_toy_rows(3)).save_to_disk(str(tmp_path / "rows"))
     server = ThreadingHTTPServer(("127.0.0.1", 0), Teacher)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    args = ["distill", "--data", str(tmp_path / "rows"), "--out", str(tmp_path / "traces"),
+            "--api-base", f"http://127.0.0.1:{server.server_port}/v1", "--backoff", "0.05", "--concurrency", "2"]
+    key = {"OPENAI_API_KEY": "sk-test-secret"}
     try:
-        run = cli(["distill", "--data", str(tmp_path / "rows"), "--out", str(tmp_path / "traces"), "--teacher", "scripted",
-                   "--api-base", f"http://127.0.0.1:{server.server_port}/v1", "--backoff", "0.05", "--concurrency", "2"],
-                  env={"OPENAI_API_KEY": "sk-test-secret"})
+        run = cli(args + ["--teacher", "scripted"], env=key)
+        calls = dict(Teacher.calls)
+        same = cli(args + ["--teacher", "scripted"], env=key)  # every row done: nothing asked again
+        other = cli(args + ["--teacher", "scripted-2"], env=key)  # another teacher's traces are not these
     finally:
         server.shutdown()
     assert run.returncode == 0, run.stderr[-3000:]
     traces = load_from_disk(str(tmp_path / "traces"))
     assert traces["dataset_index"] == [0, 2]
     assert traces["reasoning"] == ["trace 0.1 with 1 image", "trace 2.0 with 1 image"]
-    assert Teacher.calls == {0: 1, 1: 1, 2: 2}  # one retry, for the error
+    assert calls == {0: 1, 1: 1, 2: 2}  # one retry, for the error
+    assert same.returncode == 0 and other.returncode == 0, same.stderr[-3000:] + other.stderr[-3000:]
+    assert Teacher.calls == {0: 2, 1: 2, 2: 3} and "3 records of other runs or settings kept, not used" in other.stdout
     assert set(Teacher.auth) == {"Bearer sk-test-secret"}
     assert "sk-test-secret" not in run.stdout + run.stderr
     assert "2 of 3 rows got a correct trace" in run.stdout
