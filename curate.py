@@ -483,7 +483,8 @@ def main(argv: list[str] | None = None) -> None:
         q.add_argument("--rollout", choices=["vllm", "hf"], default="vllm", help="sampling engine")
         q.add_argument("--samples", type=int, default=16 if default_model else 3, help="samples per row")
         q.add_argument("--max-new-tokens", type=int, default=4096, help="tokens per sample")
-        q.add_argument("--max-model-len", type=int, default=8192, help="vLLM context (prompt + sample)")
+        q.add_argument("--max-model-len", type=int, default=0,
+                       help="vLLM context, prompt + sample (0: the model's own, at most 32,768, as in evaluate.py)")
         q.add_argument("--vllm-dtype", default="auto", help="vLLM weights dtype")
         q.add_argument("--seed", type=int, default=42, help="sampling seed (row i uses seed + i)")
         q.add_argument("--chunk-rows", type=int, default=256, help="rows per engine call (results written per chunk)")

@@ -53,16 +53,18 @@ PAPER = {
 
 # ---- scoring: one completion -> one record; records -> a summary ----
 
-def score(row: dict, completion: str, tokens: int) -> dict:
-    """One result line: both graders' verdicts on one completion."""
+def score(row: dict, completion: str, tokens: int, refused: bool = False) -> dict:
+    """One result line: both graders' verdicts on one completion (refused: the engine could not take
+    the row, scored as failed)."""
     return {"dataset_name": row.get("dataset_name"), "completion": completion, "answer": R.extract_answer(completion),
             "lenient": R.is_correct(completion, row), "strict": R.reward(completion, row) == 1.0,
-            "format_ok": R.format_ok(completion), "tokens": tokens}
+            "format_ok": R.format_ok(completion), "tokens": tokens, "refused": refused}
 
 
 def summarize(records: list[dict]) -> dict:
     """Per benchmark (in BENCHMARKS order, then any other dataset_name): rows, lenient and strict
-    accuracy (%), format failures (%), mean response tokens; "Avg." is the unweighted mean."""
+    accuracy (%), format failures (%), mean response tokens, rows the engine refused (scored as
+    failed); "Avg." is the unweighted mean, its rows and refused the totals."""
     names = [b for b in BENCHMARKS if any(r["dataset_name"] == b for r in records)]
     names += sorted({r["dataset_name"] for r in records} - set(names))
     out = {}
@@ -71,10 +73,11 @@ def summarize(records: list[dict]) -> dict:
         out[name] = {"rows": len(rs), "lenient": 100 * sum(r["lenient"] for r in rs) / len(rs),
                      "strict": 100 * sum(r["strict"] for r in rs) / len(rs),
                      "format_fail": 100 * sum(not r["format_ok"] for r in rs) / len(rs),
-                     "tokens": sum(r["tokens"] for r in rs) / len(rs)}
+                     "tokens": sum(r["tokens"] for r in rs) / len(rs), "refused": sum(r.get("refused", False) for r in rs)}
     if out:
         out["Avg."] = {k: statistics.mean(v[k] for v in out.values()) for k in ("lenient", "strict", "format_fail", "tokens")}
-        out["Avg."]["rows"] = sum(v["rows"] for n, v in out.items() if n != "Avg.")
+        for total in ("rows", "refused"):
+            out["Avg."][total] = sum(v[total] for n, v in out.items() if n != "Avg.")
     return out
 
 
@@ -119,7 +122,7 @@ def run(engine, rows, results_path: Path, repeat: int = 0, max_new_tokens: int =
         outputs = iter(engine.generate(runnable, n=1, temperature=0.0, max_new_tokens=max_new_tokens,
                                        seed=[seed] * len(runnable)))
         none = rollout.Completion([], "", [], "refused")
-        return [score(row, out.text, len(out.token_ids)) for row, why in zip(share, refused)
+        return [score(row, out.text, len(out.token_ids), bool(why)) for row, why in zip(share, refused)
                 for out in [none if why else next(outputs)[0]]]
 
     return D.resumable_map(complete, rows, results_path, chunk_rows, tag={**(tag or {}), "repeat": repeat}, desc="rows")
@@ -207,12 +210,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tensor-parallel", type=int, default=1, help="vLLM tensor parallel size (4 for 32B on 8 GPUs)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM's share of GPU memory")
     p.add_argument("--vllm-dtype", default="auto", help="vLLM weights dtype")
-    p.add_argument("--max-model-len", type=int, default=8192, help="vLLM context (prompt + response)")
+    p.add_argument("--max-model-len", type=int, default=0,
+                   help="vLLM context, prompt + response (0: the model's own, at most 32,768: the 4096-token budget "
+                        "holds for prompts up to 28,672 tokens; an unresized image can take 16,384)")
     p.add_argument("--chunk-rows", type=int, default=256, help="rows per engine call (results are written per chunk)")
     p.add_argument("--compare-paper", action="store_true", help="print the paper's rows beside ours")
     p.add_argument("--out", default="runs/eval", help="output directory")
     args = p.parse_args(argv)
-    D.check_flags(p, args, {"limit": 0, "repeats": 1, "max_new_tokens": 1, "tensor_parallel": 1, "max_model_len": 1,
+    D.check_flags(p, args, {"limit": 0, "repeats": 1, "max_new_tokens": 1, "tensor_parallel": 1, "max_model_len": 0,
                             "chunk_rows": 1}, above={"gpu_memory_utilization": 0})
     # every --model named and the data checked before any model loads
     paths = {name: M.resolve_model(name, flag="--model") for name in args.model}

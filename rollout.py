@@ -77,12 +77,25 @@ def quiet(logger: str):
         log.setLevel(level)
 
 
+MAX_CONTEXT = 32768  # the default context of evaluation and curation engines, when the model's own is longer
+
+
+def context_length(model_path: str, cap: int = MAX_CONTEXT) -> int:
+    """The model's own context (its text config's max_position_embeddings: Qwen2.5-VL 128,000, the tiny
+    models 8,192), at most `cap`: room for a 4096-token budget after any realistic prompt, without sizing
+    vLLM's KV cache for a 128k-token sequence."""
+    from transformers import AutoConfig
+
+    return min(cap, AutoConfig.from_pretrained(model_path).get_text_config().max_position_embeddings)
+
+
 class VLLMEngine:
     """vLLM's LLM in this process. Under torchrun every group of `tensor_parallel_size` consecutive
     ranks hosts one engine through vLLM's external launcher (one worker per rank, the existing
-    torch.distributed world); the ranks of a group generate for the group's rows together."""
+    torch.distributed world); the ranks of a group generate for the group's rows together.
+    max_model_len 0: context_length(model_path)."""
 
-    def __init__(self, model_path: str, processor, max_model_len: int = 8192, max_images: int = 8,
+    def __init__(self, model_path: str, processor, max_model_len: int = 0, max_images: int = 8,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.6, seed: int = 0,
                  dtype: str = "auto", kv_cache_bytes: int | None = None):
         # In-process engine (weights are pushed by reference, no serialisation). KV cache: on GPU the
@@ -92,6 +105,7 @@ class VLLMEngine:
         logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(not_the_threads_warning)
         from vllm import LLM
 
+        max_model_len = max_model_len or context_length(model_path)
         self.processor, self.tp = processor, tensor_parallel_size
         self.max_model_len, self.max_images = max_model_len, max_images
         self.on_gpu = torch.cuda.is_available()

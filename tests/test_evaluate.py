@@ -101,6 +101,8 @@ def test_rows_longer_than_the_context_are_scored_as_failures(tiny_path, eval_dat
         assert records[text_row]["tokens"] > 0  # fits, and generated beside the partner's refused rows
     for two_images in ("MMMU-medical/1", "MMMU-medical/8"):
         assert records[two_images]["tokens"] == 0 and not records[two_images]["lenient"]
+    summary = json.loads((tmp_path / name / "summary.json").read_text())["mean"]
+    assert summary["MMMU-medical"]["refused"] == summary["Avg."]["refused"] == 2  # counted, not only logged
 
 
 def test_models_evaluated_one_command_each_share_one_table(tiny_path, eval_data, tmp_path):

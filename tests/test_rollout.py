@@ -105,6 +105,16 @@ def test_shared_prefix_is_not_stale_after_sync(engine, policy, processor):
     check_against_transformers(policy, engine, processor, image_rows)
 
 
+def test_context_is_the_models_own_at_most_32k(tiny_path, tmp_path):
+    from transformers import AutoConfig
+
+    assert rollout.context_length(tiny_path) == 8192  # the tiny model's own
+    config = AutoConfig.from_pretrained(tiny_path)
+    config.text_config.max_position_embeddings = 128000  # Qwen2.5-VL's
+    config.save_pretrained(tmp_path)
+    assert rollout.context_length(str(tmp_path)) == rollout.MAX_CONTEXT == 32768
+
+
 def test_blocked_ids_are_the_specials_and_the_padding_rows(processor):
     tok = processor.tokenizer
     assert rollout.blocked_token_ids(tok, 151936) == sorted(FORBIDDEN)  # Qwen2.5-VL 3B/7B
